@@ -1,0 +1,43 @@
+"""hookrt: a PyTorch training runtime whose loop is an event bus.
+
+The loop runs a closure-based batch step and emits typed events on a
+per-trainer bus; plugins subscribe to those events or wrap the batch step.
+"""
+
+from __future__ import annotations
+
+from hookrt._bus import Bus, BusRow, BusTable, Handle
+from hookrt._errors import (
+    CancelBatch,
+    CancelEpoch,
+    CheckpointError,
+    HookrtError,
+    HookrtWarning,
+    MisconfigurationError,
+    PluginError,
+)
+from hookrt._events import Event, Payload, WrapPoint
+from hookrt._plugin import Plugin, around, on
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bus",
+    "BusRow",
+    "BusTable",
+    "CancelBatch",
+    "CancelEpoch",
+    "CheckpointError",
+    "Event",
+    "Handle",
+    "HookrtError",
+    "HookrtWarning",
+    "MisconfigurationError",
+    "Payload",
+    "Plugin",
+    "PluginError",
+    "WrapPoint",
+    "__version__",
+    "around",
+    "on",
+]
