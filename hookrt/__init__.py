@@ -17,7 +17,10 @@ from hookrt._errors import (
     PluginError,
 )
 from hookrt._events import Event, Payload, WrapPoint
+from hookrt._module import LightningModule, data_loader
 from hookrt._plugin import Plugin, around, on
+from hookrt._seed import seed_everything
+from hookrt._trainer import Trainer
 
 __version__ = "0.1.0"
 
@@ -32,12 +35,16 @@ __all__ = [
     "Handle",
     "HookrtError",
     "HookrtWarning",
+    "LightningModule",
     "MisconfigurationError",
     "Payload",
     "Plugin",
     "PluginError",
+    "Trainer",
     "WrapPoint",
     "__version__",
     "around",
+    "data_loader",
     "on",
+    "seed_everything",
 ]

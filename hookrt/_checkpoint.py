@@ -1,0 +1,208 @@
+"""What a checkpoint holds, and how a trainer writes and restores it.
+
+The file layer (atomic writes, safe loading, RNG capture) is in
+`hookrt._checkpoint_io`; this module decides the content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any
+
+from hookrt._checkpoint_io import (
+    capture_rng_state,
+    checkpoint_marker,
+    hparams_to_plain,
+    load_checkpoint,
+    load_module_state,
+    save_atomic,
+)
+from hookrt._errors import CheckpointError, MisconfigurationError
+from hookrt._events import Event
+
+if TYPE_CHECKING:
+    from hookrt._module import LightningModule
+    from hookrt._trainer import Trainer
+
+__all__ = ["build_module_from_checkpoint", "find_checkpoint", "restore_checkpoint", "write_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+def _progress_state(trainer: Trainer) -> dict[str, Any]:
+    progress = trainer._progress
+    return {
+        "current_epoch": progress.current_epoch,
+        "global_step": progress.global_step,
+        "batches_done": progress.batches_done,
+        "val_done_at": progress.val_done_at,
+        "epoch_closed": progress.epoch_closed,
+        "optimizer_steps": list(progress.optimizer_steps),
+        "epoch_rng": progress.epoch_rng,
+    }
+
+
+def _partial_gradients(trainer: Trainer) -> dict[str, Any] | None:
+    """Return the gradients of an open accumulation window, or None when no window is open."""
+    step = getattr(trainer, "_batch_step", None)
+    if step is None or not any(step.contributions):
+        return None
+    module = trainer.lightning_module
+    gradients = {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
+    return {"contributions": list(step.contributions), "gradients": gradients}
+
+
+def build_checkpoint(trainer: Trainer) -> tuple[dict[str, Any], dict[str, str]]:
+    """Return the checkpoint dict of the trainer's current state and the owner of each plugin state."""
+    module = trainer.lightning_module
+    plugin_states: dict[str, Any] = {}
+    owners: dict[str, str] = {}
+    for plugin in trainer.bus.plugins:
+        state = plugin.state_dict()
+        if state:
+            plugin_states[plugin.state_key] = state
+            owners[f"plugins/{plugin.state_key}"] = plugin.name
+    checkpoint: dict[str, Any] = {
+        "hookrt": checkpoint_marker(),
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "module_class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "state_dict": module.state_dict(),
+        "hyper_parameters": hparams_to_plain(dict(module.hparams)),
+        "optimizer_states": [optimizer.state_dict() for optimizer in trainer.optimizers],
+        "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+        "loops": {"progress": _progress_state(trainer), "metrics": trainer._metrics.state_dict()},
+        "rng": capture_rng_state(),
+        "bus": trainer.bus.state_dict(),
+        "plugins": plugin_states,
+    }
+    partial = _partial_gradients(trainer)
+    if partial is not None:
+        checkpoint["partial_gradients"] = partial
+    payload = trainer.bus.emit(Event.SAVE_CHECKPOINT, checkpoint=checkpoint)
+    if payload is not None:
+        checkpoint = payload.checkpoint  # type: ignore[attr-defined]
+    return checkpoint, owners
+
+
+def write_checkpoint(trainer: Trainer, path: str) -> None:
+    """Write the trainer's state to ``path`` atomically; only the global rank 0 process writes."""
+    if not trainer.is_global_zero:
+        return
+    checkpoint, owners = build_checkpoint(trainer)
+    save_atomic(checkpoint, path, owners=owners)
+    logger.info("Saved checkpoint %s (epoch %d, step %d)", path, trainer.current_epoch, trainer.global_step)
+
+
+def restore_checkpoint(trainer: Trainer, path: str, *, training: bool) -> dict[str, Any]:
+    """Load ``path`` into the trainer's module; with ``training``, also the optimizers, loops, RNG and plugins.
+
+    Raises:
+        CheckpointError: the file cannot be read, or its state does not fit the module.
+    """
+    checkpoint = load_checkpoint(path)
+    module = trainer.lightning_module
+    load_module_state(module, checkpoint["state_dict"])
+    if training:
+        _restore_training_state(trainer, checkpoint, path)
+    trainer.bus.emit(Event.LOAD_CHECKPOINT, checkpoint=checkpoint)
+    logger.info("Restored checkpoint %s (epoch %s, step %s)", path, checkpoint.get("epoch"),
+                checkpoint.get("global_step"))
+    return checkpoint
+
+
+def _restore_training_state(trainer: Trainer, checkpoint: dict[str, Any], path: str) -> None:
+    optimizer_states = checkpoint.get("optimizer_states", [])
+    if len(optimizer_states) != len(trainer.optimizers):
+        raise CheckpointError(
+            f"Checkpoint {path} holds {len(optimizer_states)} optimizer state(s), but configure_optimizers() "
+            f"returned {len(trainer.optimizers)}. Resume with the same optimizer set-up it was saved with."
+        )
+    for optimizer, state in zip(trainer.optimizers, optimizer_states, strict=True):
+        optimizer.load_state_dict(state)
+    for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False):
+        config.scheduler.load_state_dict(state)
+
+    loops = checkpoint.get("loops", {})
+    saved = loops.get("progress", {})
+    progress = trainer._progress
+    progress.current_epoch = int(saved.get("current_epoch", checkpoint.get("epoch", 0)))
+    progress.global_step = int(saved.get("global_step", checkpoint.get("global_step", 0)))
+    progress.batches_done = int(saved.get("batches_done", 0))
+    progress.val_done_at = int(saved.get("val_done_at", -1))
+    progress.epoch_closed = bool(saved.get("epoch_closed", True))
+    progress.optimizer_steps = list(saved.get("optimizer_steps", [0] * len(trainer.optimizers)))
+    progress.epoch_rng = saved.get("epoch_rng")
+    trainer._metrics.load_state_dict(loops.get("metrics", {}))
+    trainer._pending_rng = checkpoint.get("rng")
+    trainer.bus.load_state_dict(checkpoint.get("bus", {}))
+
+    states = checkpoint.get("plugins", {})
+    for plugin in trainer.bus.plugins:
+        if plugin.state_key in states:
+            plugin.load_state_dict(states[plugin.state_key])
+    unused = sorted(set(states) - {plugin.state_key for plugin in trainer.bus.plugins})
+    if unused:
+        logger.info("Checkpoint %s holds state for plugins that are not registered now: %s", path,
+                    ", ".join(unused))
+    trainer._pending_gradients = checkpoint.get("partial_gradients")
+
+
+def apply_partial_gradients(trainer: Trainer) -> None:
+    """Put back the gradients of an accumulation window that was open when the checkpoint was written."""
+    partial = getattr(trainer, "_pending_gradients", None)
+    step = getattr(trainer, "_batch_step", None)
+    if partial is None or step is None:
+        return
+    parameters = dict(trainer.lightning_module.named_parameters())
+    for name, gradient in partial["gradients"].items():
+        if name in parameters:
+            parameters[name].grad = gradient.to(parameters[name].device)
+    step.contributions = list(partial["contributions"])
+    trainer._pending_gradients = None
+
+
+def find_checkpoint(trainer: Trainer, which: str, stage: str) -> str:
+    """Return the path of the ``"best"`` or ``"last"`` checkpoint that a ModelCheckpoint plugin wrote.
+
+    Raises:
+        MisconfigurationError: no ModelCheckpoint is registered, or it has written no such file.
+    """
+    attribute = "best_model_path" if which == "best" else "last_model_path"
+    for plugin in trainer.bus.plugins:
+        path = getattr(plugin, attribute, None)
+        if isinstance(path, str) and path:
+            return path
+    raise MisconfigurationError(
+        f"trainer.{stage}(ckpt_path={which!r}) found no {which} checkpoint: no ModelCheckpoint plugin has written "
+        f"one yet. Fit with checkpointing on first{' and save_last=True' if which == 'last' else ''}, or pass "
+        "a file path."
+    )
+
+
+def build_module_from_checkpoint(
+    cls: type[LightningModule], path: Any, map_location: Any, strict: bool, overrides: dict[str, Any]
+) -> Any:
+    """Construct ``cls`` from the checkpoint's hyperparameters (plus ``overrides``) and load its weights."""
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    arguments = {**checkpoint.get("hyper_parameters", {}), **overrides}
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    names = [parameter.name for parameter in parameters]
+    takes_any = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters)
+    if names == ["hparams"] and "hparams" not in arguments:
+        module = cls(argparse.Namespace(**arguments))
+    else:
+        accepted = arguments if takes_any else {key: value for key, value in arguments.items() if key in names}
+        try:
+            module = cls(**accepted)
+        except TypeError as exc:
+            raise CheckpointError(
+                f"Could not build {cls.__name__} from the hyperparameters saved in {path}: {exc}. Pass the missing "
+                f"constructor arguments as keywords: {cls.__name__}.load_from_checkpoint(path, name=value)."
+            ) from exc
+    load_module_state(module, checkpoint["state_dict"], strict=strict)
+    module.on_load_checkpoint(checkpoint)
+    return module
+

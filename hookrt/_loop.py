@@ -1,0 +1,416 @@
+"""The fit loop and the evaluation loop: the order in which events are emitted.
+
+Each method reads top-down as the events it emits. Features live in plugins
+and wrappers; what stays here is when to validate, when to step, and when to
+stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hookrt._data import limited_length, set_loader_epoch
+from hookrt._errors import CancelBatch, CancelEpoch, MisconfigurationError
+from hookrt._events import Event, WrapPoint
+from hookrt._step import BatchStep
+
+if TYPE_CHECKING:
+    from hookrt._trainer import Trainer
+
+__all__ = ["EvalLoop", "FitLoop", "Progress"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in checkpoints so that resume continues at the same place."""
+
+    current_epoch: int = 0
+    global_step: int = 0
+    #: Batches finished in the current epoch.
+    batches_done: int = 0
+    #: The value of ``batches_done`` when this epoch last validated, or -1.
+    val_done_at: int = -1
+    #: Whether the current epoch has finished its batches, validation and schedulers.
+    epoch_closed: bool = False
+    optimizer_steps: list[int] = field(default_factory=list)
+    #: The torch RNG state just before this epoch's loader iterator was created.
+    epoch_rng: torch.Tensor | None = None
+
+    def next_epoch(self) -> None:
+        """Move to the start of the next epoch."""
+        self.current_epoch += 1
+        self.batches_done = 0
+        self.val_done_at = -1
+        self.epoch_closed = False
+        self.epoch_rng = None
+
+
+class FitLoop:
+    """Runs the epochs of ``Trainer.fit``."""
+
+    def __init__(self, trainer: Trainer, loader: Any) -> None:
+        self.trainer = trainer
+        self.loader = loader
+        self.step = BatchStep(trainer)
+        trainer._batch_step = self.step
+        self.length = limited_length(loader, trainer.config.limit_train_batches, "limit_train_batches")
+        self.accumulate = trainer.config.accumulate_grad_batches
+        self.started = time.monotonic()
+        self._min_reached_logged = False
+
+    # ------------------------------------------------------------------ fit
+
+    def run(self) -> None:
+        """Emit ``on_train_start``, run epochs until a stop condition holds, emit ``on_train_end``."""
+        trainer = self.trainer
+        progress = trainer._progress
+        if progress.epoch_closed:
+            progress.next_epoch()
+        trainer.bus.emit(Event.TRAIN_START)
+        trainer._restore_rng_if_pending(resuming_mid_epoch=progress.batches_done > 0)
+        while not self.done():
+            self.run_epoch()
+        trainer.bus.emit(Event.TRAIN_END)
+
+    def done(self) -> bool:
+        """Whether a stop condition holds at an epoch boundary."""
+        trainer = self.trainer
+        config = trainer.config
+        progress = trainer._progress
+        if config.max_epochs != -1 and progress.current_epoch >= config.max_epochs:
+            return True
+        if config.max_steps != -1 and progress.global_step >= config.max_steps:
+            return True
+        if self.out_of_time():
+            return True
+        return trainer.should_stop and self.can_stop()
+
+    def can_stop(self) -> bool:
+        """Whether ``min_epochs`` and ``min_steps`` allow a requested stop."""
+        config = self.trainer.config
+        progress = self.trainer._progress
+        if progress.current_epoch >= config.min_epochs and progress.global_step >= config.min_steps:
+            return True
+        if not self._min_reached_logged:
+            self._min_reached_logged = True
+            logger.info(
+                "A stop was requested at epoch %d, step %d, but min_epochs=%d / min_steps=%d are not reached; "
+                "training goes on.", progress.current_epoch, progress.global_step, config.min_epochs,
+                config.min_steps,
+            )
+        self.trainer.should_stop = False
+        return False
+
+    def out_of_time(self) -> bool:
+        """Whether ``max_time`` has passed since fit started."""
+        limit = self.trainer.config.max_time
+        return limit is not None and time.monotonic() - self.started >= limit
+
+    # ------------------------------------------------------------------ epoch
+
+    def run_epoch(self) -> None:
+        """Run one epoch: its batches, mid-epoch and end-of-epoch validation, schedulers, ``on_epoch_end``."""
+        trainer = self.trainer
+        progress = trainer._progress
+        epoch = progress.current_epoch
+        module = trainer.lightning_module
+        module.train()
+        trainer._metrics.stage = "train"
+        resuming = progress.batches_done > 0
+
+        if not resuming:
+            trainer.bus.emit(Event.EPOCH_START, epoch=epoch)
+        stopped_early = self.run_batches(epoch, resuming)
+        trainer._metrics.end_epoch("train")
+        trainer._emit_log()
+
+        if self.validation_due_at_end(stopped_early):
+            trainer._run_validation()
+        if trainer._has_epoch_schedulers:
+            trainer._step_schedulers("epoch", epoch + 1)
+        progress.epoch_closed = True
+        trainer.bus.emit(Event.EPOCH_END, epoch=epoch)
+        trainer._emit_log()
+        progress.next_epoch()
+
+    def run_batches(self, epoch: int, resuming: bool) -> bool:
+        """Run the epoch's batches; returns whether the epoch stopped before its last batch."""
+        trainer = self.trainer
+        progress = trainer._progress
+        val_points = trainer._val_points(self.length)
+        iterator = self.open_iterator(epoch, resuming)
+        if resuming and progress.val_done_at != progress.batches_done and self.validation_due_mid_epoch(
+            progress.batches_done, val_points, is_last=progress.batches_done >= self.length
+        ):
+            trainer._run_validation()  # the checkpoint was written after the batch, before its validation
+        try:
+            for batch_idx, batch, is_last in self.batches(iterator, progress.batches_done):
+                closes = (batch_idx + 1) % self.accumulate == 0 or is_last
+                self.run_batch(batch, batch_idx, self.window(batch_idx), closes)
+                progress.batches_done = batch_idx + 1
+                if self.validation_due_mid_epoch(progress.batches_done, val_points, is_last):
+                    trainer._run_validation()
+                if self.should_stop_now():
+                    return not is_last
+        except CancelEpoch:
+            logger.debug("epoch %d cancelled after %d batches", epoch, progress.batches_done)
+            self.step.flush(progress.batches_done, self.window(max(progress.batches_done - 1, 0)))
+            return True
+        return False
+
+    def open_iterator(self, epoch: int, resuming: bool) -> Iterator[Any]:
+        """Create the epoch's loader iterator; when resuming mid-epoch, replay it to the saved position.
+
+        The iterator is created from the RNG state recorded at the start of the
+        epoch, so the sampler's order and the workers' seeds repeat; the batches
+        already trained are fetched again and dropped, and then the RNG states of
+        the checkpoint are restored.
+        """
+        trainer = self.trainer
+        progress = trainer._progress
+        set_loader_epoch(self.loader, epoch)
+        if resuming and progress.epoch_rng is not None:
+            torch.set_rng_state(progress.epoch_rng)
+        else:
+            progress.epoch_rng = torch.get_rng_state()
+        iterator = iter(self.loader)
+        if resuming:
+            for _ in range(progress.batches_done):
+                next(iterator, None)
+            trainer._restore_rng_if_pending(resuming_mid_epoch=False)
+        return iterator
+
+    def batches(self, iterator: Iterator[Any], start: int) -> Iterator[tuple[int, Any, bool]]:
+        """Yield ``(batch_idx, batch, is_last)`` from ``start`` on.
+
+        With a known length, ``is_last`` comes from it; without one, the next
+        batch is fetched ahead so the last batch is known when it runs.
+        """
+        limit = self.length
+        if not math.isinf(limit):
+            last = int(limit) - 1
+            for batch_idx in range(start, int(limit)):
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                yield batch_idx, batch, batch_idx == last
+            return
+        yield from self._lookahead(iterator, start)
+
+    @staticmethod
+    def _lookahead(iterator: Iterator[Any], start: int) -> Iterator[tuple[int, Any, bool]]:
+        sentinel = object()
+        batch = next(iterator, sentinel)
+        batch_idx = start
+        while batch is not sentinel:
+            following = next(iterator, sentinel)
+            yield batch_idx, batch, following is sentinel
+            batch, batch_idx = following, batch_idx + 1
+
+    def window(self, batch_idx: int) -> int:
+        """Return how many micro-batches the accumulation window of ``batch_idx`` holds."""
+        if self.accumulate == 1:
+            return 1
+        start = batch_idx - batch_idx % self.accumulate
+        if math.isinf(self.length):
+            return self.accumulate
+        return int(min(self.accumulate, self.length - start))
+
+    # ------------------------------------------------------------------ batch
+
+    def run_batch(self, batch: Any, batch_idx: int, window: int, closes: bool) -> None:
+        """Run one batch: ``on_batch_start``, the batch step, ``on_batch_end``, then ``on_log`` when due."""
+        trainer = self.trainer
+        bus = trainer.bus
+        metrics = trainer._metrics
+        trainer.batch_idx = batch_idx
+        metrics.begin_batch(batch)
+        steps_before = trainer._progress.global_step
+        try:
+            bus.emit(Event.BATCH_START, batch=batch, batch_idx=batch_idx)
+            outputs = self.step.run(batch, batch_idx, window, closes)
+        except CancelBatch:
+            metrics.end_batch()
+            trainer._progress.batches_done = batch_idx + 1
+            if closes:
+                self.step.flush(batch_idx, window)
+            return
+        # Counted before on_batch_end, so a checkpoint requested there resumes after this batch.
+        trainer._progress.batches_done = batch_idx + 1
+        bus.emit(Event.BATCH_END, batch=batch, batch_idx=batch_idx, outputs=outputs)
+        metrics.end_batch()
+        if trainer._progress.global_step != steps_before and (
+            trainer._progress.global_step % trainer.config.log_every_n_steps == 0
+        ):
+            trainer._emit_log()
+
+    def should_stop_now(self) -> bool:
+        """Whether training stops after the current batch (``should_stop``, ``max_steps``, ``max_time``)."""
+        trainer = self.trainer
+        config = trainer.config
+        progress = trainer._progress
+        if config.max_steps != -1 and progress.global_step >= config.max_steps:
+            return True
+        if self.out_of_time():
+            trainer.should_stop = True
+        if trainer.should_stop and self.can_stop():
+            window = self.window(max(progress.batches_done - 1, 0))
+            self.step.flush(progress.batches_done - 1, window)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ validation schedule
+
+    def validation_due_mid_epoch(self, batches_done: int, points: set[int] | None, is_last: bool) -> bool:
+        """Whether validation runs after ``batches_done`` batches, before the epoch's end."""
+        if is_last or not self.trainer._validation_enabled or not self.epoch_validates():
+            return False
+        if points is None:
+            interval = self.trainer.config.val_check_interval
+            return isinstance(interval, int) and batches_done % interval == 0
+        return batches_done in points
+
+    def validation_due_at_end(self, stopped_early: bool) -> bool:
+        """Whether validation runs at the end of the epoch that just ran its batches."""
+        trainer = self.trainer
+        progress = trainer._progress
+        if not trainer._validation_enabled or not self.epoch_validates():
+            return False
+        if progress.val_done_at == progress.batches_done or progress.batches_done == 0:
+            return False
+        config = trainer.config
+        if stopped_early:
+            return config.max_steps != -1 and progress.global_step >= config.max_steps
+        points = trainer._val_points(self.length)
+        if points is None:
+            return not isinstance(config.val_check_interval, int) or progress.batches_done % \
+                config.val_check_interval == 0
+        return progress.batches_done in points or math.isinf(self.length)
+
+    def epoch_validates(self) -> bool:
+        """Whether ``check_val_every_n_epoch`` lets the current epoch validate."""
+        every = self.trainer.config.check_val_every_n_epoch
+        return every is None or (self.trainer._progress.current_epoch + 1) % every == 0
+
+
+class EvalLoop:
+    """Runs validation, test or prediction over one or more loaders."""
+
+    _EVENTS = {
+        "validate": (Event.VALIDATION_START, Event.VALIDATION_BATCH_START, Event.VALIDATION_BATCH_END,
+                     Event.VALIDATION_END),
+        "test": (Event.TEST_START, Event.TEST_BATCH_START, Event.TEST_BATCH_END, Event.TEST_END),
+        "predict": (Event.PREDICT_START, None, Event.PREDICT_BATCH_END, Event.PREDICT_END),
+    }
+    _STEPS = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
+    _EPOCH_ENDS = {
+        "validate": ("validation_end", "validation_epoch_end"),
+        "test": ("test_end", "test_epoch_end"),
+        "predict": (),
+    }
+
+    def __init__(self, trainer: Trainer, stage: str, loaders: list[Any], limit: int | float,
+                 sanity_checking: bool = False) -> None:
+        self.trainer = trainer
+        self.stage = stage
+        self.loaders = loaders
+        self.limit = limit
+        self.sanity_checking = sanity_checking
+
+    def run(self) -> list[Any]:
+        """Run every loader; returns per-loader outputs (predictions for predict, else step outputs)."""
+        trainer = self.trainer
+        module = trainer.lightning_module
+        was_training = module.training
+        grad_enabled = torch.is_grad_enabled()
+        module.eval()
+        torch.set_grad_enabled(False)
+        try:
+            return self._run()
+        finally:
+            torch.set_grad_enabled(grad_enabled)
+            module.train(was_training)
+
+    def _run(self) -> list[Any]:
+        trainer = self.trainer
+        bus = trainer.bus
+        metrics = trainer._metrics
+        start, batch_start, batch_end, end = self._EVENTS[self.stage]
+        stage_fields = {} if self.stage == "predict" else {"sanity_checking": self.sanity_checking}
+        previous_stage = metrics.stage
+        metrics.stage = self.stage
+        try:
+            bus.emit(start, **stage_fields)
+            outputs = [self._run_loader(index, loader, batch_start, batch_end, stage_fields)
+                       for index, loader in enumerate(self.loaders)]
+            metrics.dataloader_suffix = ""
+            self._epoch_end(outputs)
+            metrics.end_epoch(self.stage)
+            bus.emit(end, **stage_fields)
+        finally:
+            metrics.dataloader_suffix = ""
+            metrics.stage = previous_stage
+        return outputs
+
+    def _run_loader(self, index: int, loader: Any, batch_start: Event | None, batch_end: Event,
+                    stage_fields: dict[str, Any]) -> list[Any]:
+        trainer = self.trainer
+        bus = trainer.bus
+        metrics = trainer._metrics
+        module = trainer.lightning_module
+        step = getattr(module, self._STEPS[self.stage])
+        several = len(self.loaders) > 1
+        metrics.dataloader_suffix = f"/dataloader_idx_{index}" if several else ""
+        keep = self.stage == "predict" or self._collects_outputs()
+        limit = self.limit if self.limit == -1 else limited_length(loader, self.limit, f"limit_{self.stage}_batches")
+        outputs: list[Any] = []
+        if self.stage != "predict":
+            set_loader_epoch(loader, trainer.current_epoch)
+        for batch_idx, batch in enumerate(loader):
+            if limit != -1 and batch_idx >= limit:
+                break
+            metrics.begin_batch(batch)
+            if batch_start is not None:
+                bus.emit(batch_start, batch=batch, batch_idx=batch_idx, dataloader_idx=index, **stage_fields)
+            args = (batch, batch_idx, index) if several or self.stage == "predict" else (batch, batch_idx)
+            if bus.has_wrappers(WrapPoint.FORWARD):
+                output = bus.wrap(WrapPoint.FORWARD, lambda p: p.call(*p.args), stage=self.stage, call=step,
+                                  args=args)
+            else:
+                output = step(*args)
+            if keep:
+                outputs.append(output)
+            bus.emit(batch_end, batch=batch, batch_idx=batch_idx, dataloader_idx=index, outputs=output,
+                     **stage_fields)
+            metrics.end_batch()
+        return outputs
+
+    def _collects_outputs(self) -> bool:
+        module = self.trainer.lightning_module
+        return any(callable(getattr(module, name, None)) for name in self._EPOCH_ENDS[self.stage])
+
+    def _epoch_end(self, outputs: list[list[Any]]) -> None:
+        module = self.trainer.lightning_module
+        for name in self._EPOCH_ENDS[self.stage]:
+            method = getattr(module, name, None)
+            if not callable(method):
+                continue
+            result = method(outputs if len(outputs) > 1 else outputs[0] if outputs else [])
+            if result is None:
+                continue
+            if not isinstance(result, dict):
+                raise MisconfigurationError(
+                    f"{type(module).__name__}.{name} returned a {type(result).__name__}; it must return a dict of "
+                    "metrics (with optional 'log' and 'progress_bar' entries) or None."
+                )
+            self.trainer._metrics.log_legacy_output(result)

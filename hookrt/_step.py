@@ -1,0 +1,322 @@
+"""The batch step: the closure that runs forward and backward, and the optimizer step.
+
+For each optimizer and each truncated-BPTT split, the closure runs
+``training_step``, emits ``before_backward``, runs backward and emits
+``after_backward``. When the accumulation window closes, the optimizer steps
+through ``module.optimizer_step(..., closure)``; the closure fires
+``before_optimizer_step`` after its first evaluation, so gradients are final
+and a closure optimizer such as LBFGS can evaluate it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hookrt._errors import MisconfigurationError
+from hookrt._events import Event, WrapPoint
+
+if TYPE_CHECKING:
+    from hookrt._trainer import Trainer
+
+__all__ = ["BatchStep", "extract_loss"]
+
+
+def extract_loss(output: Any) -> torch.Tensor:
+    """Return the loss tensor from a ``training_step`` result.
+
+    Raises:
+        MisconfigurationError: the result is neither a tensor nor a dict with a
+            ``"loss"`` tensor, or the loss is not a single value.
+    """
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, torch.Tensor):
+        if isinstance(output, Mapping):
+            found = f"a dict with keys {sorted(map(str, output))}"
+        else:
+            found = "None" if output is None else f"a {type(output).__name__}"
+        raise MisconfigurationError(
+            f"training_step returned {found}; it must return the loss tensor or a dict with a 'loss' tensor. "
+            "To skip a batch on purpose, raise hookrt.CancelBatch."
+        )
+    if loss.numel() != 1:
+        raise MisconfigurationError(
+            f"training_step returned a loss of shape {tuple(loss.shape)}; the loss must be a single value. "
+            "Reduce it first, e.g. loss.mean()."
+        )
+    if not loss.requires_grad:
+        raise MisconfigurationError(
+            "training_step returned a loss that does not require grad, so backward cannot run. Compute it from "
+            "the module's parameters, outside torch.no_grad(), and do not detach it."
+        )
+    return loss
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(item) for item in value)
+    if isinstance(value, Mapping):
+        return {key: _detach(item) for key, item in value.items()}
+    return value
+
+
+def _call_payload(payload: Any) -> Any:
+    return payload.call(*payload.args)
+
+
+def _takes_legacy_closure(module: Any) -> bool:
+    try:
+        parameters = list(inspect.signature(module.optimizer_step).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(parameters) and parameters[-1] == "second_order_closure"
+
+
+def _positional_names(fn: Callable[..., Any]) -> list[str]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    try:
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+    except (TypeError, ValueError):
+        return []
+
+
+class BatchStep:
+    """Runs one training batch under automatic optimization.
+
+    Built once per fit; holds what does not change between batches, so the
+    per-batch path does no introspection.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.module = trainer.lightning_module
+        self.bus = trainer.bus
+        self.optimizers = trainer.optimizers
+        config = trainer.config
+        self.accumulate = config.accumulate_grad_batches
+        self.tbptt_steps = config.truncated_bptt_steps
+        self.detect_anomaly = config.detect_anomaly
+        self.legacy_optimizer_step = _takes_legacy_closure(self.module)
+        names = _positional_names(self.module.training_step)
+        self.pass_optimizer_idx = len(self.optimizers) > 1 and (
+            "optimizer_idx" in names or len(names) >= 3 + (1 if self.tbptt_steps else 0)
+        )
+        #: Micro-batches whose backward ran in the open window, per optimizer.
+        self.contributions = [0] * len(self.optimizers)
+        self.last_losses: list[torch.Tensor | None] = [None] * len(self.optimizers)
+        self.manual = not self.module.automatic_optimization
+        #: Whether the closure needs a context (several optimizers, anomaly detection).
+        self.guarded = self.detect_anomaly or len(self.optimizers) > 1
+
+    # ------------------------------------------------------------------ per batch
+
+    def run(self, batch: Any, batch_idx: int, window: int, closes: bool) -> Any:
+        """Run the batch: every split, every optimizer; step when ``closes``.
+
+        Args:
+            batch: the batch from the loader.
+            batch_idx: its index in the epoch.
+            window: the number of micro-batches the open window holds (the loss scale is 1/window).
+            closes: whether this batch closes the window.
+        """
+        if self.bus.has_wrappers(WrapPoint.BATCH_STEP):
+            return self.bus.wrap(
+                WrapPoint.BATCH_STEP, lambda payload: self._run(batch, batch_idx, window, closes),
+                batch=batch, batch_idx=batch_idx,
+            )
+        return self._run(batch, batch_idx, window, closes)
+
+    def _run(self, batch: Any, batch_idx: int, window: int, closes: bool) -> Any:
+        if self.manual:
+            return self._run_manual(batch, batch_idx)
+        splits = self.module.tbptt_split_batch(batch, self.tbptt_steps) if self.tbptt_steps else (batch,)
+        outputs = []
+        hiddens = None
+        for split in splits:
+            for optimizer_idx, optimizer in enumerate(self.optimizers):
+                output = self._optimize(split, batch_idx, optimizer_idx, optimizer, hiddens, window, closes)
+                outputs.append(output)
+            if self.tbptt_steps:
+                hiddens = _detach(output.get("hiddens")) if isinstance(output, Mapping) else None
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def _run_manual(self, batch: Any, batch_idx: int) -> Any:
+        """Manual optimization: ``training_step`` steps the optimizers itself; only the loss is recorded."""
+        output = self._training_step(batch, batch_idx, 0, None)
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if isinstance(loss, torch.Tensor):
+            self.trainer._last_loss = loss.detach()
+        return output
+
+    def _training_step(self, batch: Any, batch_idx: int, optimizer_idx: int, hiddens: Any) -> Any:
+        args: tuple[Any, ...] = (batch, batch_idx)
+        if self.pass_optimizer_idx:
+            args += (optimizer_idx,)
+        if self.tbptt_steps:
+            args += (hiddens,)
+        if self.bus.has_wrappers(WrapPoint.FORWARD):
+            return self.bus.wrap(
+                WrapPoint.FORWARD, _call_payload, stage="train", call=self.module.training_step, args=args
+            )
+        return self.module.training_step(*args)
+
+    def _optimize(
+        self,
+        batch: Any,
+        batch_idx: int,
+        optimizer_idx: int,
+        optimizer: torch.optim.Optimizer,
+        hiddens: Any,
+        window: int,
+        closes: bool,
+    ) -> Any:
+        calls = 0
+        first_output: Any = None
+        first_loss: Any = None
+
+        def closure() -> torch.Tensor:
+            nonlocal calls, first_output, first_loss
+            calls += 1
+            if calls > 1:
+                optimizer.zero_grad()
+            if self.guarded:
+                with self._guards(optimizer_idx):
+                    output, loss = self._forward_backward(batch, batch_idx, optimizer_idx, hiddens, window)
+            else:
+                output, loss = self._forward_backward(batch, batch_idx, optimizer_idx, hiddens, window)
+            if calls == 1:
+                first_output, first_loss = output, loss
+                self.contributions[optimizer_idx] += 1
+                if closes:
+                    self._before_step(optimizer, optimizer_idx, window)
+            return loss
+
+        if not closes:
+            closure()
+        elif self.legacy_optimizer_step:
+            closure()
+            reused = False
+
+            def second_order_closure() -> torch.Tensor:
+                nonlocal reused
+                if not reused:
+                    reused = True
+                    return first_loss
+                return closure()
+
+            self._step(batch_idx, optimizer, optimizer_idx, second_order_closure)
+        else:
+            self._step(batch_idx, optimizer, optimizer_idx, closure)
+            if calls == 0:
+                raise MisconfigurationError(
+                    f"{type(self.module).__name__}.optimizer_step returned without running the closure, so the "
+                    "batch was never trained. Call optimizer.step(closure=closure) in the override."
+                )
+        self.last_losses[optimizer_idx] = first_loss
+        self.trainer._last_loss = first_loss
+        return first_output
+
+    def _forward_backward(
+        self, batch: Any, batch_idx: int, optimizer_idx: int, hiddens: Any, window: int
+    ) -> tuple[Any, torch.Tensor]:
+        bus = self.bus
+        output = self._training_step(batch, batch_idx, optimizer_idx, hiddens)
+        loss = extract_loss(output)
+        if self.detect_anomaly and not torch.isfinite(loss).all():
+            raise MisconfigurationError(
+                f"training_step returned a non-finite loss ({loss.item()}) at epoch {self.trainer.current_epoch}, "
+                f"batch {batch_idx}, with detect_anomaly=True. Check the inputs and the learning rate."
+            )
+        scaled = loss / window if window > 1 else loss
+        payload = bus.emit(Event.BEFORE_BACKWARD, loss=scaled, optimizer_idx=optimizer_idx)
+        if payload is not None:
+            scaled = payload.loss  # type: ignore[attr-defined]
+        scaled.backward()
+        bus.emit(Event.AFTER_BACKWARD, loss=scaled, optimizer_idx=optimizer_idx)
+        if type(output) is not torch.Tensor and isinstance(output, Mapping) and len(output) > 1:
+            self.trainer._metrics.log_legacy_output(output, skip=("loss", "hiddens"))
+        return output, loss
+
+    # ------------------------------------------------------------------ steps
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, optimizer_idx: int, window: int) -> None:
+        held = self.contributions[optimizer_idx]
+        if held and held != window:
+            _rescale_gradients(optimizer, window / held)
+        self.bus.emit(Event.BEFORE_OPTIMIZER_STEP, optimizer=optimizer, optimizer_idx=optimizer_idx)
+        self.trainer._clip_gradients(optimizer)
+
+    def _step(
+        self, batch_idx: int, optimizer: torch.optim.Optimizer, optimizer_idx: int, closure: Callable[[], Any]
+    ) -> None:
+        trainer = self.trainer
+        module = self.module
+        trainer._step_skipped = False
+
+        def body(payload: Any) -> Any:
+            return module.optimizer_step(trainer.current_epoch, batch_idx, optimizer, optimizer_idx, closure)
+
+        if self.bus.has_wrappers(WrapPoint.OPTIMIZER_STEP):
+            self.bus.wrap(WrapPoint.OPTIMIZER_STEP, body, optimizer=optimizer, optimizer_idx=optimizer_idx)
+        else:
+            body(None)
+        self._after_step(optimizer, optimizer_idx)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, optimizer_idx: int) -> None:
+        # Counters and schedulers move before the event, so a handler (or a checkpoint it requests) sees the
+        # step as applied; gradients are zeroed after it, so on_before_zero_grad can still read them.
+        trainer = self.trainer
+        progress = trainer._progress
+        skipped = trainer._step_skipped
+        progress.global_step += 1
+        progress.optimizer_steps[optimizer_idx] += 1
+        self.contributions[optimizer_idx] = 0
+        if not skipped and trainer._has_step_schedulers:
+            trainer._step_schedulers("step", progress.optimizer_steps[optimizer_idx], optimizer_idx)
+        self.bus.emit(Event.OPTIMIZER_STEP, optimizer=optimizer, optimizer_idx=optimizer_idx, skipped=skipped)
+        optimizer.zero_grad(set_to_none=True)
+
+    def flush(self, batch_idx: int, window: int) -> bool:
+        """Step every optimizer whose window holds gradients; returns whether any stepped.
+
+        Used when a window closes without its planned last batch: the epoch
+        stopped early, or the closing batch was cancelled.
+        """
+        stepped = False
+        for optimizer_idx, optimizer in enumerate(self.optimizers):
+            if not self.contributions[optimizer_idx]:
+                continue
+            loss = self.last_losses[optimizer_idx]
+            self._before_step(optimizer, optimizer_idx, window)
+            self._step(batch_idx, optimizer, optimizer_idx, lambda loss=loss: loss)  # type: ignore[misc]
+            stepped = True
+        return stepped
+
+    # ------------------------------------------------------------------ helpers
+
+    @contextlib.contextmanager
+    def _guards(self, optimizer_idx: int) -> Any:
+        """Limit ``requires_grad`` to one optimizer's parameters and detect anomalies, as configured."""
+        with torch.autograd.detect_anomaly() if self.detect_anomaly else contextlib.nullcontext():
+            if len(self.optimizers) < 2:
+                yield
+                return
+            self.trainer._toggle_optimizer(self.optimizers[optimizer_idx])
+            try:
+                yield
+            finally:
+                self.trainer._untoggle_optimizer()
+
+
+def _rescale_gradients(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(factor)
