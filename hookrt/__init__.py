@@ -7,6 +7,7 @@ per-trainer bus; plugins subscribe to those events or wrap the batch step.
 from __future__ import annotations
 
 from hookrt._bus import Bus, BusRow, BusTable, Handle
+from hookrt._callback import Callback
 from hookrt._errors import (
     CancelBatch,
     CancelEpoch,
@@ -30,6 +31,7 @@ __all__ = [
     "BusTable",
     "CancelBatch",
     "CancelEpoch",
+    "Callback",
     "CheckpointError",
     "Event",
     "Handle",

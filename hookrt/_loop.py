@@ -237,7 +237,10 @@ class FitLoop:
         metrics.begin_batch(batch)
         steps_before = trainer._progress.global_step
         try:
-            bus.emit(Event.BATCH_START, batch=batch, batch_idx=batch_idx)
+            payload = bus.emit(Event.BATCH_START, batch=batch, batch_idx=batch_idx)
+            if payload is not None:
+                batch = payload.batch  # type: ignore[attr-defined]  # handlers may move or replace it
+                metrics.begin_batch(batch)
             outputs = self.step.run(batch, batch_idx, window, closes)
         except CancelBatch:
             metrics.end_batch()
@@ -381,7 +384,10 @@ class EvalLoop:
                 break
             metrics.begin_batch(batch)
             if batch_start is not None:
-                bus.emit(batch_start, batch=batch, batch_idx=batch_idx, dataloader_idx=index, **stage_fields)
+                payload = bus.emit(batch_start, batch=batch, batch_idx=batch_idx, dataloader_idx=index,
+                                   **stage_fields)
+                if payload is not None:
+                    batch = payload.batch  # type: ignore[attr-defined]  # handlers may move or replace it
             args = (batch, batch_idx, index) if several or self.stage == "predict" else (batch, batch_idx)
             if bus.has_wrappers(WrapPoint.FORWARD):
                 output = bus.wrap(WrapPoint.FORWARD, lambda p: p.call(*p.args), stage=self.stage, call=step,

@@ -126,8 +126,9 @@ class BatchStep:
             closes: whether this batch closes the window.
         """
         if self.bus.has_wrappers(WrapPoint.BATCH_STEP):
+            # The body reads the batch from the payload, so a wrapper may move or replace it.
             return self.bus.wrap(
-                WrapPoint.BATCH_STEP, lambda payload: self._run(batch, batch_idx, window, closes),
+                WrapPoint.BATCH_STEP, lambda payload: self._run(payload.batch, batch_idx, window, closes),
                 batch=batch, batch_idx=batch_idx,
             )
         return self._run(batch, batch_idx, window, closes)
@@ -250,7 +251,6 @@ class BatchStep:
         if held and held != window:
             _rescale_gradients(optimizer, window / held)
         self.bus.emit(Event.BEFORE_OPTIMIZER_STEP, optimizer=optimizer, optimizer_idx=optimizer_idx)
-        self.trainer._clip_gradients(optimizer)
 
     def _step(
         self, batch_idx: int, optimizer: torch.optim.Optimizer, optimizer_idx: int, closure: Callable[[], Any]

@@ -227,12 +227,13 @@ class Trainer:
                 from hookrt._checkpoint import restore_checkpoint
 
                 restore_checkpoint(self, self._resolve_ckpt_path(ckpt_path, "fit"), training=True)
+            # on_fit_start comes before the loop is built, so a strategy plugin can still swap the loaders.
+            self.bus.emit(Event.FIT_START)
             loop = FitLoop(self, self.train_dataloader)
             if ckpt_path is not None:
                 from hookrt._checkpoint import apply_partial_gradients
 
                 apply_partial_gradients(self)
-            self.bus.emit(Event.FIT_START)
             if not loop.done():
                 self._run_sanity_check()
                 loop.run()
@@ -412,16 +413,6 @@ class Trainer:
 
     def _step_schedulers(self, interval: str, count: int, optimizer_idx: int | None = None) -> None:
         step_schedulers(self.lr_scheduler_configs, interval, count, self.callback_metrics, optimizer_idx)
-
-    def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        value = self.config.gradient_clip_val
-        if not value:
-            return
-        parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if self.config.gradient_clip_algorithm == "norm":
-            torch.nn.utils.clip_grad_norm_(parameters, value)
-        else:
-            torch.nn.utils.clip_grad_value_(parameters, value)
 
     def _toggle_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         own = {id(p) for group in optimizer.param_groups for p in group["params"]}

@@ -1,3 +1,53 @@
-"""The built-in plugins, one module each, imported on first use."""
+"""The built-in plugins, one module each.
+
+Names are imported on first access, so ``from hookrt.plugins import
+ProgressBar`` loads only the progress bar's module.
+"""
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "CSVLogger",
+    "EarlyStopping",
+    "GradientClipping",
+    "HookProfiler",
+    "LearningRateMonitor",
+    "Logger",
+    "MemoryProbe",
+    "ModelCheckpoint",
+    "ModelSummary",
+    "ProgressBar",
+    "SignalHandler",
+    "TensorBoardLogger",
+]
+
+_MODULES = {
+    "CSVLogger": "csv_logger",
+    "EarlyStopping": "early_stopping",
+    "GradientClipping": "clipping",
+    "HookProfiler": "profiler",
+    "LearningRateMonitor": "lr_monitor",
+    "Logger": "logger",
+    "MemoryProbe": "memory",
+    "ModelCheckpoint": "checkpoint",
+    "ModelSummary": "summary",
+    "ProgressBar": "progress",
+    "SignalHandler": "signals",
+    "TensorBoardLogger": "tensorboard",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hookrt.plugins' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"hookrt.plugins.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
