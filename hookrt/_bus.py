@@ -2,9 +2,9 @@
 
 Each `Bus` owns a private blinker `Namespace` in which every subscription is
 also connected (strongly), so blinker tools can inspect who listens. Dispatch
-does not go through `blinker.Signal.send`: the bus compiles, per event, a
-tuple of callables in their resolved order, and `emit` walks that tuple. An
-event with no subscribers costs one dictionary lookup.
+does not go through `blinker.Signal.send`: the bus compiles, per event, the
+payload class and a tuple of callables in their resolved order, and `emit`
+walks that tuple. An event with no subscribers costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import blinker
 
 from hookrt._errors import CancelBatch, CancelEpoch, HookrtError, PluginError
-from hookrt._events import PAYLOAD_TYPES, WRAP_PAYLOAD_TYPES, Event, Payload, WrapPoint
+from hookrt._events import PAYLOAD_TYPES, WRAP_PAYLOAD_TYPES, Event, Payload, WrapPoint, payload_fields
 from hookrt._plugin import Plugin
 
 __all__ = ["Bus", "BusRow", "BusTable", "Handle", "Subscription"]
@@ -32,6 +32,12 @@ _EVENT_OPTIONS = frozenset({"order", "before", "after", "every", "once", "when"}
 _WRAP_OPTIONS = frozenset({"order"})
 _CONTROL_FLOW = (CancelBatch, CancelEpoch)
 _NO_PLUGIN = "<ad hoc>"
+
+# Keyed by the plain string, so that `emit` looks up a str in a str-keyed dict.
+_PAYLOAD_BY_NAME: dict[str, type[Payload]] = {event.value: payload for event, payload in PAYLOAD_TYPES.items()}
+
+#: Dispatch entry of one event: its payload class and its handlers in dispatch order.
+_DispatchEntry = tuple[type[Payload], tuple[Callable[[Any], Any], ...]]
 
 
 class Subscription:
@@ -177,6 +183,7 @@ class BusTable:
             return "(no subscriptions)"
         plugin_width = max(len(row.plugin) for row in self.rows)
         handler_width = max(len(row.handler) for row in self.rows)
+        order_width = max(len(f"order={row.order}") for row in self.rows)
         lines: list[str] = []
         current = None
         for row in self.rows:
@@ -186,10 +193,8 @@ class BusTable:
                 lines.append(row.target if row.kind == "on" else f"[around {row.target}]")
             text = (
                 f"  {row.position:>2}. {row.plugin:<{plugin_width}}  "
-                f"{row.handler:<{handler_width}}  order={row.order}"
+                f"{row.handler:<{handler_width}}  {f'order={row.order}':<{order_width}}  {row.filters}"
             )
-            if row.filters:
-                text += f"  {row.filters}"
             lines.append(text.rstrip())
         return "\n".join(lines)
 
@@ -208,7 +213,9 @@ class Bus:
         self.module = module
         self.namespace = blinker.Namespace()
         self._subscriptions: dict[tuple[str, str], list[Subscription]] = {}
-        self._dispatch: dict[str, tuple[Callable[[Any], Any], ...]] = {}
+        # `_table` is always current; `_dispatch` is the table `emit` reads, an empty dict while muted.
+        self._table: dict[str, _DispatchEntry] = {}
+        self._dispatch = self._table
         self._wrappers: dict[str, tuple[Subscription, ...]] = {}
         self._plugins: list[Plugin] = []
         self._disabled: set[int] = set()
@@ -295,7 +302,10 @@ class Bus:
 
     @contextlib.contextmanager
     def muted(self) -> Iterator[None]:
-        """Dispatch no events inside a ``with`` block. Wrappers still run."""
+        """Dispatch no events inside a ``with`` block. Wrappers still run.
+
+        Subscriptions added or removed inside the block take effect when it ends.
+        """
         saved = self._dispatch
         self._dispatch = {}
         try:
@@ -379,7 +389,7 @@ class Bus:
         other = [member.value for member in (WrapPoint if kind == "on" else Event)]
         if target in other:
             hint = (
-                f" '{target}' is an {'event' if kind == 'around' else 'wrapper point'}: use "
+                f" '{target}' is {'an event' if kind == 'around' else 'a wrapper point'}: use "
                 f"@hookrt.{'on' if kind == 'around' else 'around'}('{target}') for it."
             )
         listing = "Run `hookrt events` to list them." if kind == "on" else f"Valid points: {', '.join(valid)}."
@@ -410,8 +420,11 @@ class Bus:
             else:
                 payload_type = WRAP_PAYLOAD_TYPES[WrapPoint(target)]
                 expected = f"two arguments, the payload ({payload_type.__name__}) and proceed"
+            # Annotations are left out: under `from __future__ import annotations` they print as quoted strings.
+            parameters = [parameter.replace(annotation=parameter.empty) for parameter in signature.parameters.values()]
+            plain_signature = signature.replace(parameters=parameters, return_annotation=signature.empty)
             raise PluginError(
-                f"Plugin '{owner}' handler '{handler_name}{signature}' on '{target}' cannot be called with "
+                f"Plugin '{owner}' handler '{handler_name}{plain_signature}' on '{target}' cannot be called with "
                 f"{expected}: {exc}. Change the handler to take {expected}.",
                 plugin=owner,
                 event=target,
@@ -471,8 +484,8 @@ class Bus:
             cycle = _find_cycle(successors, {i for i, degree in indegree.items() if degree > 0})
             names = " -> ".join(f"'{subscriptions[i].owner}'" for i in cycle)
             raise PluginError(
-                f"The before=/after= constraints on '{target}' form a cycle: {names}. "
-                "Drop one of these constraints so that an order exists.",
+                f"The before=/after= constraints on '{target}' form a cycle: {names}, where each must run "
+                "before the next. Drop one of these constraints so that an order exists.",
                 plugin=subscriptions[cycle[0]].owner,
                 event=str(target),
             )
@@ -480,11 +493,13 @@ class Bus:
 
     def _compile(self, kind: str, target: str) -> None:
         ordered = [s for s in self.resolved(target, kind) if s.plugin is None or id(s.plugin) not in self._disabled]
-        table: dict[str, Any] = self._dispatch if kind == "on" else self._wrappers
-        if ordered:
-            table[target] = tuple(self._dispatcher(s) for s in ordered) if kind == "on" else tuple(ordered)
-        else:
+        table: dict[str, Any] = self._table if kind == "on" else self._wrappers
+        if not ordered:
             table.pop(target, None)
+        elif kind == "on":
+            table[target] = (_PAYLOAD_BY_NAME[target], tuple(self._dispatcher(s) for s in ordered))
+        else:
+            table[target] = tuple(ordered)
 
     def _dispatcher(self, subscription: Subscription) -> Callable[[Any], Any]:
         """Return the callable that ``emit`` runs for one subscription.
@@ -501,6 +516,8 @@ class Bus:
         once = subscription.once
         when = subscription.when
         critical = subscription.critical
+        plugin = subscription.plugin
+        disabled = self._disabled
         bus = self
 
         def dispatch(payload: Any) -> None:
@@ -509,16 +526,16 @@ class Bus:
                 return
             if once and subscription.count > 1:
                 return
-            if when is not None and not when(payload):
-                return
             if critical:
-                fn(payload)
+                if when is None or when(payload):
+                    fn(payload)
                 return
-            plugin = subscription.plugin
-            if plugin is not None and id(plugin) in bus._disabled:
-                return
+            if plugin is not None and id(plugin) in disabled:
+                return  # an earlier handler of the same plugin failed during this emit
+            # The `when` predicate is the plugin's code too, so its failure also disables the plugin.
             try:
-                fn(payload)
+                if when is None or when(payload):
+                    fn(payload)
             except _CONTROL_FLOW:
                 raise
             except Exception as exc:
@@ -570,7 +587,7 @@ class Bus:
     # ------------------------------------------------------------------ dispatch
 
     def has_subscribers(self, event: str) -> bool:
-        """Whether an emit of ``event`` would call any handler."""
+        """Whether an emit of ``event`` would call any handler (never while muted)."""
         return event in self._dispatch
 
     def has_wrappers(self, point: str) -> bool:
@@ -586,25 +603,27 @@ class Bus:
         Raises:
             HookrtError: a payload field is missing or unknown.
         """
-        handlers = self._dispatch.get(event)
-        if handlers is None:
+        # The hot path: `in` and indexing avoid the method call of `dict.get`, which
+        # matters most for the common case of an event without subscribers.
+        dispatch = self._dispatch
+        if event not in dispatch:
             return None
+        payload_type, handlers = dispatch[event]
         try:
-            payload = PAYLOAD_TYPES[event](self.trainer, self.module, **fields)  # type: ignore[index]
+            payload = payload_type(self.trainer, self.module, **fields)
         except TypeError as exc:
-            raise HookrtError(
-                f"Cannot build the payload of event '{event}': {exc}. "
-                f"Its fields are: {', '.join(PAYLOAD_TYPES[event].__slots__)}."  # type: ignore[index]
-            ) from None
+            raise _payload_error(event, payload_type, exc) from None
         if self._debug:
             logger.debug("emit %s to %d handler(s)", event, len(handlers))
-        self._depth += 1
+        # Restoring the saved depth reads and writes the attribute once each way.
+        depth = self._depth
+        self._depth = depth + 1
         try:
             for handler in handlers:
                 handler(payload)
         finally:
-            self._depth -= 1
-            if not self._depth and self._deferred:
+            self._depth = depth
+            if not depth and self._deferred:
                 self._run_deferred()
         return payload
 
@@ -713,17 +732,32 @@ def _callable_name(fn: Any) -> str:
 
 
 def _find_cycle(successors: dict[int, set[int]], candidates: set[int]) -> list[int]:
-    """Return one cycle among ``candidates`` as a list of nodes, first node repeated at the end."""
-    start = min(candidates)
+    """Return one cycle among ``candidates`` in edge order, with the first node repeated at the end.
+
+    ``candidates`` are the nodes a topological sort could not place. Each of them
+    has a predecessor among them, but some may have no successor among them (a
+    node that only comes after a cycle), so the walk follows predecessors. The
+    cycle starts at its lowest node, the handler registered first.
+    """
+    predecessor = {node: min(p for p in candidates if node in successors[p]) for node in candidates}
     path: list[int] = []
     position: dict[int, int] = {}
-    node = start
+    node = min(candidates)
     while node not in position:
         position[node] = len(path)
         path.append(node)
-        node = min(n for n in successors[node] if n in candidates)
+        node = predecessor[node]
     cycle = path[position[node]:]
+    cycle.reverse()
+    start = cycle.index(min(cycle))
+    cycle = cycle[start:] + cycle[:start]
     return [*cycle, cycle[0]]
+
+
+def _payload_error(event: str, payload_type: type[Payload], exc: TypeError) -> HookrtError:
+    fields = payload_fields(payload_type)
+    listing = f"Its fields are: {', '.join(fields)}." if fields else "It takes no fields."
+    return HookrtError(f"Cannot build the payload of event '{event}': {exc}. {listing}")
 
 
 def _check_order(value: Any, owner: str, handler_name: str, target: str) -> int:

@@ -62,6 +62,7 @@ __all__ = [
     "Payload",
     "StagePayload",
     "WrapPoint",
+    "payload_fields",
 ]
 
 
@@ -110,8 +111,8 @@ class Event(str, enum.Enum):
 
     @property
     def fields(self) -> tuple[str, ...]:
-        """The payload's own fields, after ``trainer`` and ``module``."""
-        return PAYLOAD_TYPES[self].__slots__
+        """The payload's own fields, after ``trainer`` and ``module`` (empty for a plain `Payload`)."""
+        return payload_fields(PAYLOAD_TYPES[self])
 
 
 class WrapPoint(str, enum.Enum):
@@ -139,9 +140,18 @@ class Payload:
         self.module = module
 
     def __repr__(self) -> str:
-        names = ("trainer", "module", *type(self).__slots__)
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in names if name not in ("trainer", "module"))
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in payload_fields(type(self)))
         return f"{type(self).__name__}({shown})"
+
+
+def payload_fields(payload_type: type[Payload]) -> tuple[str, ...]:
+    """Return the fields of ``payload_type`` other than ``trainer`` and ``module``, base classes first."""
+    return tuple(
+        name
+        for klass in reversed(payload_type.__mro__)
+        if issubclass(klass, Payload) and klass is not Payload
+        for name in klass.__dict__.get("__slots__", ())
+    )
 
 
 class StagePayload(Payload):

@@ -111,6 +111,8 @@ class BatchStep:
         self.contributions = [0] * len(self.optimizers)
         self.last_losses: list[torch.Tensor | None] = [None] * len(self.optimizers)
         self.manual = not self.module.automatic_optimization
+        #: Whether the batch being run closes its accumulation window (wrappers read it, e.g. for no_sync).
+        self.closing = False
         #: Whether the closure needs a context (several optimizers, anomaly detection).
         self.guarded = self.detect_anomaly or len(self.optimizers) > 1
 
@@ -125,6 +127,7 @@ class BatchStep:
             window: the number of micro-batches the open window holds (the loss scale is 1/window).
             closes: whether this batch closes the window.
         """
+        self.closing = closes
         if self.bus.has_wrappers(WrapPoint.BATCH_STEP):
             # The body reads the batch from the payload, so a wrapper may move or replace it.
             return self.bus.wrap(
