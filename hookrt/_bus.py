@@ -627,6 +627,35 @@ class Bus:
                 self._run_deferred()
         return payload
 
+    def emit_to_all(self, event: str, /, **fields: Any) -> list[Exception]:
+        """Emit ``event`` so that every handler runs even when an earlier one raises.
+
+        For teardown-like events, where one failing plugin must not keep the
+        others from closing their files. Returns the exceptions raised, in
+        handler order; each is also logged with its traceback.
+        """
+        dispatch = self._dispatch
+        if event not in dispatch:
+            return []
+        payload_type, handlers = dispatch[event]
+        payload = payload_type(self.trainer, self.module, **fields)
+        errors: list[Exception] = []
+        depth = self._depth
+        self._depth = depth + 1
+        try:
+            for handler in handlers:
+                try:
+                    handler(payload)
+                except Exception as exc:
+                    logger.error("Handler %s of %r failed; the other handlers still run.",
+                                 _callable_name(handler), event, exc_info=exc)
+                    errors.append(exc)
+        finally:
+            self._depth = depth
+            if not depth and self._deferred:
+                self._run_deferred()
+        return errors
+
     def wrap(self, point: str, body: Callable[[Any], Any], /, **fields: Any) -> Any:
         """Run ``body(payload)`` inside the wrappers of ``point``, outermost first.
 

@@ -7,6 +7,7 @@ stop.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -75,6 +76,7 @@ class FitLoop:
         progress = trainer._progress
         if progress.epoch_closed:
             progress.next_epoch()
+        torch.set_grad_enabled(True)  # the caller's grad mode comes back when fit returns
         trainer.bus.emit(Event.TRAIN_START)
         trainer._restore_rng_if_pending(resuming_mid_epoch=progress.batches_done > 0)
         while not self.done():
@@ -373,6 +375,7 @@ class EvalLoop:
         module = trainer.lightning_module
         step = getattr(module, self._STEPS[self.stage])
         several = len(self.loaders) > 1
+        pass_index = (several or self.stage == "predict") and _takes_dataloader_idx(step)
         metrics.dataloader_suffix = f"/dataloader_idx_{index}" if several else ""
         keep = self.stage == "predict" or self._collects_outputs()
         limit = self.limit if self.limit == -1 else limited_length(loader, self.limit, f"limit_{self.stage}_batches")
@@ -388,7 +391,7 @@ class EvalLoop:
                                    **stage_fields)
                 if payload is not None:
                     batch = payload.batch  # type: ignore[attr-defined]  # handlers may move or replace it
-            args = (batch, batch_idx, index) if several or self.stage == "predict" else (batch, batch_idx)
+            args = (batch, batch_idx, index) if pass_index else (batch, batch_idx)
             if bus.has_wrappers(WrapPoint.FORWARD):
                 output = bus.wrap(WrapPoint.FORWARD, lambda p: p.call(*p.args), stage=self.stage, call=step,
                                   args=args)
@@ -420,3 +423,13 @@ class EvalLoop:
                     "metrics (with optional 'log' and 'progress_bar' entries) or None."
                 )
             self.trainer._metrics.log_legacy_output(result)
+
+
+def _takes_dataloader_idx(step: Any) -> bool:
+    """Whether a ``*_step`` method accepts a third argument, the loader index."""
+    try:
+        parameters = inspect.signature(step).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in parameters)

@@ -113,8 +113,8 @@ class BatchStep:
         self.manual = not self.module.automatic_optimization
         #: Whether the batch being run closes its accumulation window (wrappers read it, e.g. for no_sync).
         self.closing = False
-        #: Whether the closure needs a context (several optimizers, anomaly detection).
-        self.guarded = self.detect_anomaly or len(self.optimizers) > 1
+        #: Whether the closure must toggle ``requires_grad`` (several optimizers).
+        self.guarded = len(self.optimizers) > 1
 
     # ------------------------------------------------------------------ per batch
 
@@ -305,16 +305,12 @@ class BatchStep:
 
     @contextlib.contextmanager
     def _guards(self, optimizer_idx: int) -> Any:
-        """Limit ``requires_grad`` to one optimizer's parameters and detect anomalies, as configured."""
-        with torch.autograd.detect_anomaly() if self.detect_anomaly else contextlib.nullcontext():
-            if len(self.optimizers) < 2:
-                yield
-                return
-            self.trainer._toggle_optimizer(self.optimizers[optimizer_idx])
-            try:
-                yield
-            finally:
-                self.trainer._untoggle_optimizer()
+        """Limit ``requires_grad`` to one optimizer's parameters while its closure runs."""
+        self.trainer._toggle_optimizer(self.optimizers[optimizer_idx])
+        try:
+            yield
+        finally:
+            self.trainer._untoggle_optimizer()
 
 
 def _rescale_gradients(optimizer: torch.optim.Optimizer, factor: float) -> None:

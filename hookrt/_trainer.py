@@ -165,7 +165,7 @@ class Trainer:
         """The loss and every metric logged with ``prog_bar=True``, as floats."""
         metrics = {key: float(value) for key, value in self._metrics.progress.items()}
         if self._last_loss is not None:
-            metrics.setdefault("loss", float(self._last_loss))
+            metrics.setdefault("loss", float(self._last_loss.detach()))
         return metrics
 
     @property
@@ -291,9 +291,11 @@ class Trainer:
         self.bus.begin_run()
         self.should_stop = False
         failed = False
+        anomaly = torch.autograd.set_detect_anomaly(True) if self.config.detect_anomaly else contextlib.nullcontext()
         try:
-            self.bus.emit(Event.SETUP, stage=stage)
-            yield
+            with anomaly:
+                self.bus.emit(Event.SETUP, stage=stage)
+                yield
         except BaseException as exc:
             failed = True
             self._emit_exception(exc)
@@ -321,13 +323,11 @@ class Trainer:
                              exc)
 
     def _teardown(self, stage: str, failed: bool) -> None:
+        # Every teardown handler runs, so one failing plugin cannot keep others from closing their files.
         try:
-            self.bus.emit(Event.TEARDOWN, stage=stage)
-        except Exception:
-            if not failed:
-                raise
-            logger.exception("A teardown handler failed after the run had already failed; the first error is "
-                             "raised.")
+            errors = self.bus.emit_to_all(Event.TEARDOWN, stage=stage)
+            if errors and not failed:
+                raise errors[0]
         finally:
             for handle in self._run_handles:
                 handle.remove()
