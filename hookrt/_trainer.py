@@ -171,9 +171,9 @@ class Trainer:
     @property
     def global_rank(self) -> int:
         """This process's rank among all processes (0 without distributed training)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank()
-        return int(os.environ.get("RANK", 0))
+        from hookrt._rank import global_rank
+
+        return global_rank()
 
     @property
     def world_size(self) -> int:
