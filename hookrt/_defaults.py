@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["build_plugin_stack"]
 
 
-def _user_plugins(items: Sequence[Any]) -> list[Plugin]:
+def _user_plugins(items: Sequence[Any], source: str) -> list[Plugin]:
     from hookrt._registry import resolve_plugin
 
     plugins: list[Plugin] = []
@@ -29,7 +29,7 @@ def _user_plugins(items: Sequence[Any]) -> list[Plugin]:
             plugins.append(item)
         else:
             raise PluginError(
-                f"plugins/callbacks item {index} is a {type(item).__name__}, not a hookrt.Plugin or a plugin name. "
+                f"{source} item {index} is a {type(item).__name__}, not a hookrt.Plugin or a plugin name. "
                 "Subclass hookrt.Plugin (or hookrt.Callback for Lightning-style callbacks), or give the name of "
                 "an installed plugin.",
                 plugin=type(item).__name__,
@@ -37,6 +37,55 @@ def _user_plugins(items: Sequence[Any]) -> list[Plugin]:
     return plugins
 
 
+def _loggers(flag: Any) -> list[Plugin] | None:
+    """Return the loggers that the ``logger`` flag names, or None for the default one."""
+    if flag is True:
+        return None
+    if flag is False or flag is None:
+        return []
+    items = list(flag) if isinstance(flag, (list, tuple)) else [flag]
+    return _user_plugins(items, "logger")
+
+
 def build_plugin_stack(trainer: Trainer, items: Sequence[Any]) -> list[Plugin]:
-    """Return the user's plugins plus the defaults that the flags enable and the user did not replace."""
-    return _user_plugins(items)
+    """Return the user's plugins plus the defaults that the flags enable and the user did not replace.
+
+    The defaults are: a TensorBoard logger (``logger``), a ModelCheckpoint saving
+    every epoch (``enable_checkpointing``), a progress bar
+    (``enable_progress_bar``), a model summary (``enable_model_summary``), the
+    signal handler, and gradient clipping when ``gradient_clip_val`` is set.
+    """
+    from hookrt.plugins.checkpoint import ModelCheckpoint
+    from hookrt.plugins.clipping import GradientClipping
+    from hookrt.plugins.logger import Logger
+    from hookrt.plugins.progress import ProgressBar
+    from hookrt.plugins.signals import SignalHandler
+    from hookrt.plugins.summary import ModelSummary
+
+    config = trainer.config
+    user = _user_plugins(items, "plugins/callbacks")
+    loggers = _loggers(config.logger)
+
+    def provided(kind: type) -> bool:
+        return any(isinstance(plugin, kind) for plugin in user)
+
+    stack: list[Plugin] = []
+    if loggers is None:
+        if not provided(Logger):
+            from hookrt.plugins.tensorboard import TensorBoardLogger
+
+            stack.append(TensorBoardLogger())
+    else:
+        stack.extend(loggers)
+    if config.enable_model_summary and not provided(ModelSummary):
+        stack.append(ModelSummary())
+    if config.enable_progress_bar and not provided(ProgressBar):
+        stack.append(ProgressBar())
+    if config.gradient_clip_val and not provided(GradientClipping):
+        stack.append(GradientClipping(config.gradient_clip_val, config.gradient_clip_algorithm))
+    if not provided(SignalHandler):
+        stack.append(SignalHandler())
+    stack.extend(user)
+    if config.enable_checkpointing and not provided(ModelCheckpoint):
+        stack.append(ModelCheckpoint())
+    return stack

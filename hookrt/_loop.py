@@ -7,6 +7,7 @@ stop.
 
 from __future__ import annotations
 
+import enum
 import inspect
 import logging
 import math
@@ -55,6 +56,17 @@ class Progress:
         self.epoch_rng = None
 
 
+class EpochOutcome(enum.Enum):
+    """How an epoch's batch loop ended."""
+
+    #: Every batch ran (or the loader ran out).
+    COMPLETE = "complete"
+    #: A handler raised CancelEpoch: the epoch counts as done.
+    CANCELLED = "cancelled"
+    #: A stop condition (should_stop, max_steps, max_time) held before the last batch.
+    STOPPED = "stopped"
+
+
 class FitLoop:
     """Runs the epochs of ``Trainer.fit``."""
 
@@ -67,6 +79,8 @@ class FitLoop:
         self.accumulate = trainer.config.accumulate_grad_batches
         self.started = time.monotonic()
         self._min_reached_logged = False
+        if trainer._progress.epoch_closed:
+            trainer._progress.next_epoch()  # restored from a checkpoint written at an epoch's end
 
     # ------------------------------------------------------------------ fit
 
@@ -74,8 +88,6 @@ class FitLoop:
         """Emit ``on_train_start``, run epochs until a stop condition holds, emit ``on_train_end``."""
         trainer = self.trainer
         progress = trainer._progress
-        if progress.epoch_closed:
-            progress.next_epoch()
         torch.set_grad_enabled(True)  # the caller's grad mode comes back when fit returns
         trainer.bus.emit(Event.TRAIN_START)
         trainer._restore_rng_if_pending(resuming_mid_epoch=progress.batches_done > 0)
@@ -100,6 +112,8 @@ class FitLoop:
         """Whether ``min_epochs`` and ``min_steps`` allow a requested stop."""
         config = self.trainer.config
         progress = self.trainer._progress
+        if self.trainer._forced_stop:
+            return True
         if progress.current_epoch >= config.min_epochs and progress.global_step >= config.min_steps:
             return True
         if not self._min_reached_logged:
@@ -131,21 +145,25 @@ class FitLoop:
 
         if not resuming:
             trainer.bus.emit(Event.EPOCH_START, epoch=epoch)
-        stopped_early = self.run_batches(epoch, resuming)
-        trainer._metrics.end_epoch("train")
+        outcome = self.run_batches(epoch, resuming)
+        # A stop request leaves the epoch open: a checkpoint written from now on resumes inside it.
+        left_open = outcome == EpochOutcome.STOPPED
+        trainer._metrics.end_epoch("train", keep=left_open)
         trainer._emit_log()
 
-        if self.validation_due_at_end(stopped_early):
+        if self.validation_due_at_end(outcome != EpochOutcome.COMPLETE):
             trainer._run_validation()
-        if trainer._has_epoch_schedulers:
-            trainer._step_schedulers("epoch", epoch + 1)
-        progress.epoch_closed = True
+        if not left_open:
+            if trainer._has_epoch_schedulers:
+                trainer._step_schedulers("epoch", epoch + 1)
+            progress.epoch_closed = True
         trainer.bus.emit(Event.EPOCH_END, epoch=epoch)
         trainer._emit_log()
-        progress.next_epoch()
+        if not left_open:
+            progress.next_epoch()
 
-    def run_batches(self, epoch: int, resuming: bool) -> bool:
-        """Run the epoch's batches; returns whether the epoch stopped before its last batch."""
+    def run_batches(self, epoch: int, resuming: bool) -> EpochOutcome:
+        """Run the epoch's batches and return how the epoch ended."""
         trainer = self.trainer
         progress = trainer._progress
         val_points = trainer._val_points(self.length)
@@ -162,12 +180,12 @@ class FitLoop:
                 if self.validation_due_mid_epoch(progress.batches_done, val_points, is_last):
                     trainer._run_validation()
                 if self.should_stop_now():
-                    return not is_last
+                    return EpochOutcome.COMPLETE if is_last else EpochOutcome.STOPPED
         except CancelEpoch:
             logger.debug("epoch %d cancelled after %d batches", epoch, progress.batches_done)
             self.step.flush(progress.batches_done, self.window(max(progress.batches_done - 1, 0)))
-            return True
-        return False
+            return EpochOutcome.CANCELLED
+        return EpochOutcome.COMPLETE
 
     def open_iterator(self, epoch: int, resuming: bool) -> Iterator[Any]:
         """Create the epoch's loader iterator; when resuming mid-epoch, replay it to the saved position.

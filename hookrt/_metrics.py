@@ -242,9 +242,13 @@ class MetricStore:
 
     # ------------------------------------------------------------------ epochs and log points
 
-    def end_epoch(self, stage: str) -> None:
-        """Turn a stage's epoch accumulators into epoch values, then start that stage afresh."""
-        for name, accumulator in self._epoch.pop(stage, {}).items():
+    def end_epoch(self, stage: str, keep: bool = False) -> None:
+        """Turn a stage's epoch accumulators into epoch values, then start that stage afresh.
+
+        With ``keep``, the accumulators stay, for an epoch that may still continue after a resume.
+        """
+        accumulators = self._epoch.get(stage, {}) if keep else self._epoch.pop(stage, {})
+        for name, accumulator in accumulators.items():
             self._set_epoch_value(name, accumulator.compute(), accumulator.on_step, accumulator.logger,
                                   accumulator.prog_bar)
 

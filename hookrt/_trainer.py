@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,10 @@ from hookrt._metrics import MetricStore
 from hookrt._module import LightningModule
 from hookrt._optim import LRSchedulerConfig, parse_optimizers, step_schedulers
 from hookrt._plugin import Plugin
+from hookrt._seed import add_worker_seeding
+
+if TYPE_CHECKING:
+    from hookrt._launch import Strategy
 
 __all__ = ["Trainer"]
 
@@ -78,6 +82,9 @@ class Trainer:
         self.config = TrainerConfig.from_flags(**flags)
         self.bus = Bus(trainer=self)
         self.should_stop = False
+        #: Why the last stop was requested through `request_stop`, or None.
+        self.stop_reason: str | None = None
+        self._forced_stop = False
         self.sanity_checking = False
         self.batch_idx = 0
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -188,6 +195,16 @@ class Trainer:
         return self.global_rank == 0
 
     @property
+    def strategy(self) -> Strategy | None:
+        """The registered plugin that decides how many processes run (DistributedDataParallel), or None."""
+        from hookrt._launch import Strategy
+
+        for plugin in self.bus.plugins:
+            if isinstance(plugin, Strategy):
+                return plugin
+        return None
+
+    @property
     def plugins(self) -> tuple[Plugin, ...]:
         """The registered plugins, in registration order."""
         return self.bus.plugins
@@ -220,6 +237,11 @@ class Trainer:
     def fit(self, model: LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
             ckpt_path: Any = None) -> None:
         """Train ``model``, validating as the flags say, optionally resuming from ``ckpt_path``."""
+        strategy = self.strategy
+        if strategy is not None and strategy.needs_launch(self):
+            strategy.launch(self, "fit", model, {"train_dataloaders": train_dataloaders,
+                                                 "val_dataloaders": val_dataloaders, "ckpt_path": ckpt_path})
+            return
         with self._run("fit", model):
             self._connect_train_data(train_dataloaders, val_dataloaders)
             self._configure_optimizers()
@@ -242,17 +264,29 @@ class Trainer:
     def validate(self, model: LightningModule | None = None, dataloaders: Any = None,
                  ckpt_path: Any = None) -> list[dict[str, float]]:
         """Run one validation pass; returns one dict of metrics per loader."""
+        strategy = self.strategy
+        if strategy is not None and strategy.needs_launch(self):
+            return strategy.launch(self, "validate", self._model_for(model, "validate"),
+                                   {"dataloaders": dataloaders, "ckpt_path": ckpt_path})
         return self._evaluate("validate", model, dataloaders, ckpt_path)
 
     def test(self, model: LightningModule | None = None, dataloaders: Any = None,
              ckpt_path: Any = None) -> list[dict[str, float]]:
         """Run the test loop; returns one dict of metrics per loader."""
+        strategy = self.strategy
+        if strategy is not None and strategy.needs_launch(self):
+            return strategy.launch(self, "test", self._model_for(model, "test"),
+                                   {"dataloaders": dataloaders, "ckpt_path": ckpt_path})
         return self._evaluate("test", model, dataloaders, ckpt_path)
 
     def predict(self, model: LightningModule | None = None, dataloaders: Any = None,
                 ckpt_path: Any = None) -> list[Any]:
         """Run ``predict_step`` over the loaders; returns the outputs (a list per loader when several)."""
         model = self._model_for(model, "predict")
+        strategy = self.strategy
+        if strategy is not None and strategy.needs_launch(self):
+            return strategy.launch(self, "predict", model,
+                                   {"dataloaders": dataloaders, "ckpt_path": ckpt_path})
         with self._run("predict", model):
             loaders = self._eval_loaders("predict", dataloaders)
             if ckpt_path is not None:
@@ -270,6 +304,18 @@ class Trainer:
 
         target = os.fspath(path)
         self.bus.after_dispatch(lambda: write_checkpoint(self, target))
+
+    def request_stop(self, reason: str, *, force: bool = False) -> None:
+        """Stop fit after the current batch, recording ``reason``.
+
+        Setting ``should_stop`` does the same without a reason. With ``force``,
+        the stop happens even when ``min_epochs`` or ``min_steps`` is not reached
+        (a signal uses it: the process is about to be killed).
+        """
+        self.should_stop = True
+        self.stop_reason = reason
+        self._forced_stop = self._forced_stop or force
+        logger.info("Stop requested: %s", reason)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Send values straight to the loggers (through ``on_log``) at ``step`` or the global step."""
@@ -290,6 +336,8 @@ class Trainer:
         grad_enabled = torch.is_grad_enabled()
         self.bus.begin_run()
         self.should_stop = False
+        self.stop_reason = None
+        self._forced_stop = False
         failed = False
         anomaly = torch.autograd.set_detect_anomaly(True) if self.config.detect_anomaly else contextlib.nullcontext()
         try:
@@ -346,6 +394,7 @@ class Trainer:
             )
         self.train_dataloader = check_loader(loader, "train_dataloaders" if train_dataloaders is not None
                                              else f"{type(module).__name__}.train_dataloader()")
+        add_worker_seeding(self.train_dataloader)
         self.num_training_batches = limited_length(loader, self.config.limit_train_batches, "limit_train_batches")
         if self.num_training_batches == 0:
             raise MisconfigurationError(
@@ -373,6 +422,8 @@ class Trainer:
                 f"trainer.{stage}() needs {type(self.lightning_module).__name__}.{step}(batch, batch_idx); "
                 "define it."
             )
+        for loader in loaders:
+            add_worker_seeding(loader)
         return loaders
 
     def _call_loader_hook(self, hook: str) -> Any:

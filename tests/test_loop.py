@@ -402,7 +402,8 @@ def test_max_steps_stops_mid_epoch():
     trainer = hookrt.Trainer(max_epochs=10, max_steps=7, num_sanity_val_steps=0, **QUIET)
     trainer.fit(Regressor(), make_loader(5))
     assert trainer.global_step == 7
-    assert trainer.current_epoch == 2
+    # The second epoch stopped after 2 of its 5 batches, so it stays the current, unfinished epoch.
+    assert trainer.current_epoch == 1
 
 
 def test_should_stop_ends_after_current_batch():
@@ -533,3 +534,62 @@ def test_estimated_stepping_batches():
     trainer.fit(Regressor(), make_loader(5))
     assert trainer.estimated_stepping_batches == 9
     assert trainer.num_training_batches == 5
+
+
+class StopAt(hookrt.Plugin):
+    def __init__(self, epoch: int, batch_idx: int):
+        self.at = (epoch, batch_idx)
+
+    @hookrt.on("on_batch_end")
+    def stop(self, payload):
+        if (payload.trainer.current_epoch, payload.batch_idx) == self.at:
+            payload.trainer.should_stop = True
+
+
+class SaveAtEpochEnd(hookrt.Plugin):
+    def __init__(self, path):
+        self.path = path
+
+    @hookrt.on("on_epoch_end")
+    def save(self, payload):
+        payload.trainer.save_checkpoint(self.path)
+
+
+def test_stop_mid_epoch_leaves_epoch_open(tmp_path):
+    path = tmp_path / "stopped.ckpt"
+    torch.manual_seed(0)
+    reference = Regressor()
+    hookrt.Trainer(max_epochs=3, accumulate_grad_batches=3, num_sanity_val_steps=0, **QUIET).fit(
+        reference, make_loader(10, shuffle=True)
+    )
+
+    torch.manual_seed(0)
+    trainer = hookrt.Trainer(
+        max_epochs=3, accumulate_grad_batches=3, num_sanity_val_steps=0,
+        plugins=[StopAt(1, 5), SaveAtEpochEnd(path)], **QUIET,
+    )
+    trainer.fit(Regressor(), make_loader(10, shuffle=True))
+    progress = torch.load(path, weights_only=True)["loops"]["progress"]
+    assert trainer.current_epoch == 1
+    assert progress["epoch_closed"] is False
+    assert progress["batches_done"] == 6
+
+    torch.manual_seed(0)
+    resumed = Regressor()
+    trainer = hookrt.Trainer(max_epochs=3, accumulate_grad_batches=3, num_sanity_val_steps=0, **QUIET)
+    trainer.fit(resumed, make_loader(10, shuffle=True), ckpt_path=path)
+    assert trainer.global_step == 12
+    assert torch.equal(resumed.layer.weight, reference.layer.weight)
+
+
+def test_resume_finished_run_skips_sanity_check(tmp_path):
+    path = tmp_path / "end.ckpt"
+    trainer = hookrt.Trainer(max_epochs=2, num_sanity_val_steps=0, plugins=[SaveAtEpochEnd(path)], **QUIET)
+    trainer.fit(Regressor(), make_loader(2), make_loader(1))
+
+    trainer = hookrt.Trainer(max_epochs=2, num_sanity_val_steps=2, **QUIET)
+    events = record_events(trainer)
+    trainer.fit(Regressor(), make_loader(2), make_loader(1), ckpt_path=path)
+    assert "on_sanity_check_start" not in events
+    assert "on_train_start" not in events
+    assert trainer.global_step == 4
