@@ -66,26 +66,28 @@ def build_plugin_stack(trainer: Trainer, items: Sequence[Any]) -> list[Plugin]:
     user = _user_plugins(items, "plugins/callbacks")
     loggers = _loggers(config.logger)
 
-    def provided(kind: type) -> bool:
-        return any(isinstance(plugin, kind) for plugin in user)
+    def provided(kind: type, role: str | None = None) -> bool:
+        return any(
+            isinstance(plugin, kind) or (role is not None and plugin.replaces_default == role) for plugin in user
+        )
 
     stack: list[Plugin] = []
     if loggers is None:
-        if not provided(Logger):
+        if not provided(Logger, "logger"):
             from hookrt.plugins.tensorboard import TensorBoardLogger
 
             stack.append(TensorBoardLogger())
     else:
         stack.extend(loggers)
-    if config.enable_model_summary and not provided(ModelSummary):
+    if config.enable_model_summary and not provided(ModelSummary, "model_summary"):
         stack.append(ModelSummary())
-    if config.enable_progress_bar and not provided(ProgressBar):
+    if config.enable_progress_bar and not provided(ProgressBar, "progress_bar"):
         stack.append(ProgressBar())
     if config.gradient_clip_val and not provided(GradientClipping):
         stack.append(GradientClipping(config.gradient_clip_val, config.gradient_clip_algorithm))
     if not provided(SignalHandler):
         stack.append(SignalHandler())
     stack.extend(user)
-    if config.enable_checkpointing and not provided(ModelCheckpoint):
+    if config.enable_checkpointing and not provided(ModelCheckpoint, "checkpoint"):
         stack.append(ModelCheckpoint())
     return stack

@@ -84,6 +84,10 @@ class Plugin:
 
     name: str = "Plugin"
     critical: bool = True
+    #: The default-stack member this plugin stands in for: "logger", "checkpoint",
+    #: "progress_bar" or "model_summary". A Trainer given such a plugin leaves that
+    #: default out, as it does for subclasses of the built-in ones.
+    replaces_default: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from importlib import metadata
-from typing import Any
+from typing import Any, NamedTuple
 
 from hookrt._errors import PluginError
 from hookrt._plugin import Plugin
 
-__all__ = ["ENTRY_POINT_GROUP", "available_plugins", "resolve_plugin"]
+__all__ = ["ENTRY_POINT_GROUP", "PluginEntry", "available_plugins", "plugin_entries", "resolve_plugin"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,29 +41,89 @@ def _load_target(target: str) -> Any:
     return getattr(importlib.import_module(module_name), attribute)
 
 
-def available_plugins() -> dict[str, Callable[[], Any]]:
-    """Return every plugin name with a loader: built-ins first, then installed packs.
+class PluginEntry(NamedTuple):
+    """One registered plugin name: where it comes from and how to load it."""
 
-    A pack whose entry point cannot be read is logged with its name and skipped.
+    #: The name given to ``Trainer(plugins=[...])`` and ``--plugin``.
+    name: str
+    #: ``"built-in"``, or the name of the distribution that declares the entry point.
+    source: str
+    #: The import path of the plugin class or factory, as ``"module:attribute"``.
+    target: str
+    #: Imports and returns the Plugin subclass or factory; may raise whatever the pack's import raises.
+    load: Callable[[], Any]
+
+
+def _distribution_name(entry_point: metadata.EntryPoint) -> str:
+    distribution = getattr(entry_point, "dist", None)
+    name = getattr(distribution, "name", None)
+    return str(name) if name else "an unknown distribution"
+
+
+def plugin_entries() -> list[PluginEntry]:
+    """List every registered plugin name without importing any plugin: built-ins first, then installed packs.
+
+    A name appears more than once when a pack reuses the name of a built-in or
+    of another pack. `resolve_plugin` uses the first entry of each name.
     """
-    found: dict[str, Callable[[], Any]] = {
-        name: functools.partial(_load_target, target) for name, target in BUILTIN_PLUGINS.items()
-    }
+    entries = [
+        PluginEntry(name, "built-in", target, functools.partial(_load_target, target))
+        for name, target in BUILTIN_PLUGINS.items()
+    ]
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(entry_point.name, entry_point.load)
+        entries.append(
+            PluginEntry(entry_point.name, _distribution_name(entry_point), entry_point.value, entry_point.load)
+        )
+    return entries
+
+
+def _loaded(value: Any) -> Any:
+    return value
+
+
+def available_plugins() -> dict[str, Callable[[], Any]]:
+    """Return every usable plugin name with a loader: built-ins first, then installed packs.
+
+    Built-ins are imported only when their loader is called. Each pack is
+    imported here, so that a pack that fails to load is logged as a warning,
+    with its name, its distribution and the error, and left out instead of
+    failing later. A pack that reuses a name registered before it is left out too.
+    """
+    found: dict[str, Callable[[], Any]] = {}
+    for entry in plugin_entries():
+        if entry.name in found:
+            logger.debug("Plugin '%s' (%s) is shadowed by an earlier plugin of that name.", entry.name, entry.source)
+            continue
+        if entry.source == "built-in":
+            found[entry.name] = entry.load
+            continue
+        try:
+            target = entry.load()
+        except Exception as exc:  # a pack's import may raise anything; one broken pack must not hide the rest
+            logger.warning(
+                "Plugin pack '%s' (%s) failed to load and is skipped: %s: %s. Reinstall or fix the pack.",
+                entry.name, entry.source, type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+            continue
+        found[entry.name] = functools.partial(_loaded, target)
     return found
 
 
 def resolve_plugin(spec: str, options: Mapping[str, Any] | None = None) -> Plugin:
     """Build the plugin registered under ``spec``, passing ``options`` as keyword arguments.
 
+    Only the pack that provides ``spec`` is imported.
+
     Raises:
         PluginError: the name is unknown (the message suggests the closest), the
-            pack fails to load, or what it provides is not a Plugin.
+            pack fails to load, an option is not a parameter of the plugin, or
+            what the pack provides is not a Plugin.
     """
-    plugins = available_plugins()
-    if spec not in plugins:
-        close = difflib.get_close_matches(spec, list(plugins), n=1, cutoff=0.5)
+    entries = plugin_entries()
+    entry = next((entry for entry in entries if entry.name == spec), None)
+    if entry is None:
+        names = list(dict.fromkeys(entry.name for entry in entries))
+        close = difflib.get_close_matches(spec, names, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise PluginError(
             f"No plugin named '{spec}' is installed.{hint} Run `hookrt plugins` to list the installed ones, "
@@ -70,12 +131,15 @@ def resolve_plugin(spec: str, options: Mapping[str, Any] | None = None) -> Plugi
             plugin=spec,
         )
     try:
-        factory = plugins[spec]()
+        factory = entry.load()
     except Exception as exc:
         raise PluginError(
-            f"Plugin pack '{spec}' failed to load: {type(exc).__name__}: {exc}. Reinstall or fix the pack.",
+            f"Plugin '{spec}' ({entry.source}) failed to load: {type(exc).__name__}: {exc}. "
+            "Reinstall or fix the pack that provides it.",
             plugin=spec,
         ) from exc
+    if callable(factory):
+        _check_options(spec, factory, dict(options or {}))
     plugin = factory(**dict(options or {})) if callable(factory) else factory
     if not isinstance(plugin, Plugin):
         raise PluginError(
@@ -84,3 +148,26 @@ def resolve_plugin(spec: str, options: Mapping[str, Any] | None = None) -> Plugi
             plugin=spec,
         )
     return plugin
+
+
+def _check_options(spec: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Raise a PluginError naming the first option that ``factory`` does not take, with the closest parameter."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return  # no signature to check against (a builtin or C factory); the call itself will tell
+    try:
+        signature.bind(**options)
+    except TypeError as exc:
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        parameters = [name for name, parameter in signature.parameters.items() if parameter.kind not in variadic]
+        unknown = [name for name in options if name not in signature.parameters]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], parameters, n=1, cutoff=0.5)
+            reason = f"unknown option '{unknown[0]}'." + (f" Did you mean '{close[0]}'?" if close else "")
+        else:
+            reason = f"{exc}."
+        raise PluginError(
+            f"Invalid options for plugin '{spec}': {reason} Its parameters are: {', '.join(parameters) or 'none'}.",
+            plugin=spec,
+        ) from None

@@ -621,3 +621,19 @@ def test_event_payload_fields_available_to_plugins():
     trainer = fit(Regressor(), plugins=[Reader()])
     assert seen == {"optimizer": "SGD", "skipped": False, "step": 1}
     assert math.isclose(trainer.estimated_stepping_batches, 3)
+
+
+def test_default_stack_members_and_replacement():
+    from hookrt.plugins import ModelCheckpoint, ProgressBar, SignalHandler, TensorBoardLogger
+
+    names = [type(plugin).__name__ for plugin in hookrt.Trainer().plugins]
+    assert names == ["TensorBoardLogger", "ModelSummary", "ProgressBar", "SignalHandler", "ModelCheckpoint"]
+
+    class Bar(hookrt.Plugin):
+        replaces_default = "progress_bar"
+
+    checkpoint = ModelCheckpoint(monitor="val_loss")
+    plugins = hookrt.Trainer(plugins=[Bar(), checkpoint], enable_model_summary=False, logger=False).plugins
+    assert not any(isinstance(plugin, (ProgressBar, TensorBoardLogger)) for plugin in plugins)
+    assert [plugin for plugin in plugins if isinstance(plugin, ModelCheckpoint)] == [checkpoint]
+    assert any(isinstance(plugin, SignalHandler) for plugin in plugins)
