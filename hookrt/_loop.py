@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 __all__ = ["EvalLoop", "FitLoop", "Progress"]
 
+# Plain strings for the per-batch emits: an Enum member lookup costs more than a module global.
+_BATCH_START = Event.BATCH_START.value
+_BATCH_END = Event.BATCH_END.value
+
 logger = logging.getLogger(__name__)
 
 
@@ -77,6 +81,7 @@ class FitLoop:
         trainer._batch_step = self.step
         self.length = limited_length(loader, trainer.config.limit_train_batches, "limit_train_batches")
         self.accumulate = trainer.config.accumulate_grad_batches
+        self.log_every_n_steps = trainer.config.log_every_n_steps
         self.started = time.monotonic()
         self._min_reached_logged = False
         if trainer._progress.epoch_closed:
@@ -172,14 +177,19 @@ class FitLoop:
             progress.batches_done, val_points, is_last=progress.batches_done >= self.length
         ):
             trainer._run_validation()  # the checkpoint was written after the batch, before its validation
+        # Worked out once per epoch, so the batch loop below does few calls when nothing is due.
+        accumulate = self.accumulate
+        may_validate = trainer._validation_enabled and self.epoch_validates()
+        config = trainer.config
+        limited = config.max_steps != -1 or config.max_time is not None
         try:
             for batch_idx, batch, is_last in self.batches(iterator, progress.batches_done):
-                closes = (batch_idx + 1) % self.accumulate == 0 or is_last
-                self.run_batch(batch, batch_idx, self.window(batch_idx), closes)
-                progress.batches_done = batch_idx + 1
-                if self.validation_due_mid_epoch(progress.batches_done, val_points, is_last):
+                closes = is_last or (batch_idx + 1) % accumulate == 0
+                window = 1 if accumulate == 1 else self.window(batch_idx)
+                self.run_batch(batch, batch_idx, window, closes)
+                if may_validate and self.validation_due_mid_epoch(batch_idx + 1, val_points, is_last):
                     trainer._run_validation()
-                if self.should_stop_now():
+                if (limited or trainer.should_stop) and self.should_stop_now():
                     return EpochOutcome.COMPLETE if is_last else EpochOutcome.STOPPED
         except CancelEpoch:
             logger.debug("epoch %d cancelled after %d batches", epoch, progress.batches_done)
@@ -253,28 +263,27 @@ class FitLoop:
         trainer = self.trainer
         bus = trainer.bus
         metrics = trainer._metrics
+        progress = trainer._progress
         trainer.batch_idx = batch_idx
         metrics.begin_batch(batch)
-        steps_before = trainer._progress.global_step
+        steps_before = progress.global_step
         try:
-            payload = bus.emit(Event.BATCH_START, batch=batch, batch_idx=batch_idx)
-            if payload is not None:
-                batch = payload.batch  # type: ignore[attr-defined]  # handlers may move or replace it
-                metrics.begin_batch(batch)
+            if _BATCH_START in bus._dispatch:
+                batch = bus.emit(_BATCH_START, batch=batch, batch_idx=batch_idx).batch  # type: ignore[union-attr]
+                metrics.begin_batch(batch)  # handlers may move or replace the batch
             outputs = self.step.run(batch, batch_idx, window, closes)
         except CancelBatch:
             metrics.end_batch()
-            trainer._progress.batches_done = batch_idx + 1
+            progress.batches_done = batch_idx + 1
             if closes:
                 self.step.flush(batch_idx, window)
             return
         # Counted before on_batch_end, so a checkpoint requested there resumes after this batch.
-        trainer._progress.batches_done = batch_idx + 1
-        bus.emit(Event.BATCH_END, batch=batch, batch_idx=batch_idx, outputs=outputs)
+        progress.batches_done = batch_idx + 1
+        if _BATCH_END in bus._dispatch:
+            bus.emit(_BATCH_END, batch=batch, batch_idx=batch_idx, outputs=outputs)
         metrics.end_batch()
-        if trainer._progress.global_step != steps_before and (
-            trainer._progress.global_step % trainer.config.log_every_n_steps == 0
-        ):
+        if progress.global_step != steps_before and progress.global_step % self.log_every_n_steps == 0:
             trainer._emit_log()
 
     def should_stop_now(self) -> bool:

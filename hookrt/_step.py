@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchStep", "extract_loss"]
 
+# Plain strings: looking up an Enum member costs more than a module global, on every batch.
+_BEFORE_BACKWARD = Event.BEFORE_BACKWARD.value
+_AFTER_BACKWARD = Event.AFTER_BACKWARD.value
+_BEFORE_OPTIMIZER_STEP = Event.BEFORE_OPTIMIZER_STEP.value
+_OPTIMIZER_STEP = Event.OPTIMIZER_STEP.value
+
 
 def extract_loss(output: Any) -> torch.Tensor:
     """Return the loss tensor from a ``training_step`` result.
@@ -115,6 +121,9 @@ class BatchStep:
         self.closing = False
         #: Whether the closure must toggle ``requires_grad`` (several optimizers).
         self.guarded = len(self.optimizers) > 1
+        #: Whether batches can take the flat path of `_run_single`: one optimizer, no truncated BPTT,
+        #: automatic optimization and the current optimizer_step signature. Wrappers are checked per batch.
+        self.simple = not (self.manual or self.tbptt_steps or self.guarded or self.legacy_optimizer_step)
 
     # ------------------------------------------------------------------ per batch
 
@@ -128,6 +137,8 @@ class BatchStep:
             closes: whether this batch closes the window.
         """
         self.closing = closes
+        if self.simple and not self.bus._wrappers:
+            return self._run_single(batch, batch_idx, window, closes)
         if self.bus.has_wrappers(WrapPoint.BATCH_STEP):
             # The body reads the batch from the payload, so a wrapper may move or replace it.
             return self.bus.wrap(
@@ -149,6 +160,74 @@ class BatchStep:
             if self.tbptt_steps:
                 hiddens = _detach(output.get("hiddens")) if isinstance(output, Mapping) else None
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def _run_single(self, batch: Any, batch_idx: int, window: int, closes: bool) -> Any:
+        """Run a batch in the common case, with the same events as `_optimize`, in fewer calls.
+
+        The per-batch cost of the runtime is mostly Python calls, so this path
+        inlines the closure's forward and backward and the step bookkeeping.
+        """
+        bus = self.bus
+        module = self.module
+        trainer = self.trainer
+        optimizer = self.optimizers[0]
+        training_step = module.training_step
+        calls = 0
+        first_output: Any = None
+        first_loss: Any = None
+
+        def closure() -> torch.Tensor:
+            nonlocal calls, first_output, first_loss
+            calls += 1
+            if calls > 1:
+                optimizer.zero_grad()
+            output = training_step(batch, batch_idx)
+            if type(output) is torch.Tensor and output.requires_grad and output.dim() == 0:
+                loss = output
+            else:
+                loss = extract_loss(output)
+            if self.detect_anomaly:
+                self._check_finite(loss, batch_idx)
+            scaled = loss / window if window > 1 else loss
+            dispatch = bus._dispatch
+            if _BEFORE_BACKWARD in dispatch:
+                scaled = bus.emit(_BEFORE_BACKWARD, loss=scaled, optimizer_idx=0).loss  # type: ignore[union-attr]
+            scaled.backward()
+            if _AFTER_BACKWARD in dispatch:
+                bus.emit(_AFTER_BACKWARD, loss=scaled, optimizer_idx=0)
+            if type(output) is not torch.Tensor and isinstance(output, Mapping) and len(output) > 1:
+                trainer._metrics.log_legacy_output(output, skip=("loss", "hiddens"))
+            if calls == 1:
+                first_output, first_loss = output, loss
+                self.contributions[0] += 1
+                if closes:
+                    self._before_step(optimizer, 0, window)
+            return loss
+
+        if closes:
+            trainer._step_skipped = False
+            module.optimizer_step(trainer._progress.current_epoch, batch_idx, optimizer, 0, closure)
+            if calls == 0:
+                self._raise_closure_not_run()
+            self._after_step(optimizer, 0)
+        else:
+            closure()
+        self.last_losses[0] = first_loss
+        trainer._last_loss = first_loss
+        return first_output
+
+    def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        if not torch.isfinite(loss).all():
+            raise MisconfigurationError(
+                f"training_step returned a non-finite loss ({loss.item()}) at epoch {self.trainer.current_epoch}, "
+                f"batch {batch_idx}, with detect_anomaly=True. Check the inputs and the learning rate."
+            )
+
+    def _raise_closure_not_run(self) -> None:
+        raise MisconfigurationError(
+            f"{type(self.module).__name__}.optimizer_step returned without running the closure, so the "
+            "batch was never trained. Call optimizer.step(closure=closure) in the override."
+        )
 
     def _run_manual(self, batch: Any, batch_idx: int) -> Any:
         """Manual optimization: ``training_step`` steps the optimizers itself; only the loss is recorded."""
@@ -218,10 +297,7 @@ class BatchStep:
         else:
             self._step(batch_idx, optimizer, optimizer_idx, closure)
             if calls == 0:
-                raise MisconfigurationError(
-                    f"{type(self.module).__name__}.optimizer_step returned without running the closure, so the "
-                    "batch was never trained. Call optimizer.step(closure=closure) in the override."
-                )
+                self._raise_closure_not_run()
         self.last_losses[optimizer_idx] = first_loss
         self.trainer._last_loss = first_loss
         return first_output
@@ -232,11 +308,8 @@ class BatchStep:
         bus = self.bus
         output = self._training_step(batch, batch_idx, optimizer_idx, hiddens)
         loss = extract_loss(output)
-        if self.detect_anomaly and not torch.isfinite(loss).all():
-            raise MisconfigurationError(
-                f"training_step returned a non-finite loss ({loss.item()}) at epoch {self.trainer.current_epoch}, "
-                f"batch {batch_idx}, with detect_anomaly=True. Check the inputs and the learning rate."
-            )
+        if self.detect_anomaly:
+            self._check_finite(loss, batch_idx)
         scaled = loss / window if window > 1 else loss
         payload = bus.emit(Event.BEFORE_BACKWARD, loss=scaled, optimizer_idx=optimizer_idx)
         if payload is not None:
@@ -253,7 +326,8 @@ class BatchStep:
         held = self.contributions[optimizer_idx]
         if held and held != window:
             _rescale_gradients(optimizer, window / held)
-        self.bus.emit(Event.BEFORE_OPTIMIZER_STEP, optimizer=optimizer, optimizer_idx=optimizer_idx)
+        if _BEFORE_OPTIMIZER_STEP in self.bus._dispatch:
+            self.bus.emit(_BEFORE_OPTIMIZER_STEP, optimizer=optimizer, optimizer_idx=optimizer_idx)
 
     def _step(
         self, batch_idx: int, optimizer: torch.optim.Optimizer, optimizer_idx: int, closure: Callable[[], Any]
@@ -282,7 +356,8 @@ class BatchStep:
         self.contributions[optimizer_idx] = 0
         if not skipped and trainer._has_step_schedulers:
             trainer._step_schedulers("step", progress.optimizer_steps[optimizer_idx], optimizer_idx)
-        self.bus.emit(Event.OPTIMIZER_STEP, optimizer=optimizer, optimizer_idx=optimizer_idx, skipped=skipped)
+        if _OPTIMIZER_STEP in self.bus._dispatch:
+            self.bus.emit(_OPTIMIZER_STEP, optimizer=optimizer, optimizer_idx=optimizer_idx, skipped=skipped)
         optimizer.zero_grad(set_to_none=True)
 
     def flush(self, batch_idx: int, window: int) -> bool:
