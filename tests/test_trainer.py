@@ -637,3 +637,25 @@ def test_default_stack_members_and_replacement():
     assert not any(isinstance(plugin, (ProgressBar, TensorBoardLogger)) for plugin in plugins)
     assert [plugin for plugin in plugins if isinstance(plugin, ModelCheckpoint)] == [checkpoint]
     assert any(isinstance(plugin, SignalHandler) for plugin in plugins)
+
+
+def test_resume_continues_logger_run_folder(tmp_path):
+    class Logged(Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    flags = {"max_epochs": 1, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+             "enable_model_summary": False, "default_root_dir": tmp_path, "log_every_n_steps": 1}
+    trainer = hookrt.Trainer(**flags)
+    trainer.fit(Logged(), make_loader())
+    first = trainer.logger.log_dir
+    checkpoint = tmp_path / "checkpoints" / "epoch=0-step=3.ckpt"
+    assert checkpoint.exists()
+
+    trainer = hookrt.Trainer(**{**flags, "max_epochs": 2})
+    trainer.fit(Logged(), make_loader(), ckpt_path=checkpoint)
+    assert trainer.logger.log_dir == first
+    assert sorted(path.name for path in (tmp_path / "hookrt_logs").iterdir()) == ["version_0"]
+    assert trainer.global_step == 6
