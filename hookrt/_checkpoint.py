@@ -87,13 +87,39 @@ def build_checkpoint(trainer: Trainer) -> tuple[dict[str, Any], dict[str, str]]:
     return checkpoint, owners
 
 
+def _rank_state(trainer: Trainer) -> dict[str, Any]:
+    """Return what differs between the ranks of a distributed run: RNG states and an open window's gradients."""
+    partial = _partial_gradients(trainer)
+    if partial is not None:
+        partial["gradients"] = {name: gradient.cpu() for name, gradient in partial["gradients"].items()}
+    epoch_rng = trainer._progress.epoch_rng
+    return {"rng": capture_rng_state(), "epoch_rng": epoch_rng.cpu() if epoch_rng is not None else None,
+            "partial_gradients": partial}
+
+
 def write_checkpoint(trainer: Trainer, path: str) -> None:
-    """Write the trainer's state to ``path`` atomically; only the global rank 0 process writes."""
-    if not trainer.is_global_zero:
-        return
-    checkpoint, owners = build_checkpoint(trainer)
-    save_atomic(checkpoint, path, owners=owners)
-    logger.info("Saved checkpoint %s (epoch %d, step %d)", path, trainer.current_epoch, trainer.global_step)
+    """Write the trainer's state to ``path`` atomically; only the global rank 0 process writes.
+
+    Under ``torch.distributed`` this is a collective call that every rank must
+    make: each rank's RNG state (and open accumulation window) is gathered
+    into the checkpoint under ``"rank_states"``, and every rank waits at a
+    barrier until rank 0 has finished writing, so none reads a partial file.
+    """
+    from hookrt import _distributed as distributed
+
+    several = distributed.world_size() > 1
+    rank_states = distributed.all_gather_object(_rank_state(trainer)) if several else None
+    try:
+        if trainer.is_global_zero:
+            checkpoint, owners = build_checkpoint(trainer)
+            if rank_states is not None:
+                checkpoint["rank_states"] = rank_states
+            save_atomic(checkpoint, path, owners=owners)
+            logger.info("Saved checkpoint %s (epoch %d, step %d)", path, trainer.current_epoch,
+                        trainer.global_step)
+    finally:
+        if several:
+            distributed.barrier()
 
 
 def restore_checkpoint(trainer: Trainer, path: str, *, training: bool) -> dict[str, Any]:
@@ -148,6 +174,28 @@ def _restore_training_state(trainer: Trainer, checkpoint: dict[str, Any], path: 
         logger.info("Checkpoint %s holds state for plugins that are not registered now: %s", path,
                     ", ".join(unused))
     trainer._pending_gradients = checkpoint.get("partial_gradients")
+    _restore_rank_state(trainer, checkpoint, path)
+
+
+def _restore_rank_state(trainer: Trainer, checkpoint: dict[str, Any], path: str) -> None:
+    """Take this rank's own RNG states and open window from a checkpoint written by a distributed run."""
+    from hookrt import _distributed as distributed
+
+    states = checkpoint.get("rank_states")
+    if not states:
+        return
+    world_size = distributed.world_size()
+    if len(states) != world_size:
+        logger.warning(
+            "Checkpoint %s was written by %d processes and is resumed by %d; every process takes the RNG state "
+            "of rank 0, so the resumed run will not repeat the random draws of an uninterrupted one.", path,
+            len(states), world_size,
+        )
+        return
+    state = states[distributed.rank()]
+    trainer._pending_rng = state["rng"]
+    trainer._progress.epoch_rng = state["epoch_rng"]
+    trainer._pending_gradients = state["partial_gradients"]
 
 
 def apply_partial_gradients(trainer: Trainer) -> None:

@@ -247,11 +247,21 @@ def _temp_prefix(final_name: str) -> str:
     return f".{final_name}.tmp-"
 
 
-def _explain_os_error(exc: BaseException) -> str:
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """Return the OSError that ``exc`` is or was raised from, or None.
+
+    torch.save reports a failed write of its file object as a RuntimeError
+    about its zip writer, with the OSError only in ``__context__``.
+    """
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
-    if not isinstance(cause, OSError):
+    return cause if isinstance(cause, OSError) else None
+
+
+def _explain_os_error(exc: BaseException) -> str:
+    cause = _os_error_in(exc)
+    if cause is None:
         return ""
     if cause.errno == errno.ENOSPC:
         return " The disk is full: free space or save to another folder."
@@ -347,7 +357,7 @@ def save_atomic(
         if not isinstance(exc, Exception):
             raise
         raise CheckpointError(
-            f"Could not save the checkpoint {str(final)!r}: {exc}. "
+            f"Could not save the checkpoint {str(final)!r}: {_os_error_in(exc) or exc}. "
             f"The previous file at that path, if any, is unchanged.{_explain_os_error(exc)}"
         ) from exc
 

@@ -53,7 +53,9 @@ def build_plugin_stack(trainer: Trainer, items: Sequence[Any]) -> list[Plugin]:
     The defaults are: a TensorBoard logger (``logger``), a ModelCheckpoint saving
     every epoch (``enable_checkpointing``), a progress bar
     (``enable_progress_bar``), a model summary (``enable_model_summary``), the
-    signal handler, and gradient clipping when ``gradient_clip_val`` is set.
+    signal handler, gradient clipping when ``gradient_clip_val`` is set, and the
+    device, precision and strategy plugins that ``accelerator``, ``devices``,
+    ``precision`` and ``strategy`` call for.
     """
     from hookrt.plugins.checkpoint import ModelCheckpoint
     from hookrt.plugins.clipping import GradientClipping
@@ -88,6 +90,9 @@ def build_plugin_stack(trainer: Trainer, items: Sequence[Any]) -> list[Plugin]:
     if not provided(SignalHandler):
         stack.append(SignalHandler())
     stack.extend(user)
+    from hookrt.plugins.device import plugins_from_flags
+
+    stack.extend(plugins_from_flags(config, user))
     if config.enable_checkpointing and not provided(ModelCheckpoint, "checkpoint"):
         stack.append(ModelCheckpoint())
     return stack

@@ -214,6 +214,21 @@ class LightningModule(nn.Module):
         for name, value in metrics.items():
             self.log(name, value, **kwargs)
 
+    def all_gather(self, data: Any, sync_grads: bool = False) -> Any:
+        """Gather a tensor, or the tensors in a list, tuple or dict, from every process.
+
+        Each tensor comes back with a new first dimension of size
+        ``trainer.world_size``, indexed by rank; every rank must pass the same
+        shapes. Without a process group, ``data`` comes back unchanged.
+
+        Args:
+            data: a tensor or a container of tensors.
+            sync_grads: let gradients flow back through the gather to every rank.
+        """
+        from hookrt._distributed import all_gather_tensors
+
+        return all_gather_tensors(data, sync_grads=sync_grads)
+
     def optimizers(self) -> Any:
         """Return the optimizer, or the list of optimizers when there are several."""
         optimizers = self.trainer.optimizers

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hookrt._rank import global_rank
+
 __all__ = ["seed_everything", "seed_worker"]
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,15 @@ def seed_worker(worker_id: int) -> None:
 
     Pass it as ``DataLoader(worker_init_fn=seed_worker)``; with
     ``seed_everything(workers=True)`` the trainer sets it on loaders that have none.
+    On a process of global rank r > 0 the seed is first mixed with r (and torch
+    is reseeded with it too), so that ranks seeded alike do not draw the same
+    augmentations; on rank 0 it is torch's seed unchanged.
     """
     seed = torch.initial_seed() % (_MAX_SEED + 1)
+    rank = global_rank()
+    if rank > 0:
+        seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+        torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
 
@@ -67,6 +76,11 @@ def wants_worker_seeding() -> bool:
 
 
 def add_worker_seeding(loader: Any) -> None:
-    """Set `seed_worker` as the loader's ``worker_init_fn`` when it has workers and none of its own."""
+    """Set `seed_worker` as the loader's ``worker_init_fn`` after ``seed_everything(workers=True)``.
+
+    Only a loader with workers and no ``worker_init_fn`` of its own gets it.
+    """
+    if not wants_worker_seeding():
+        return
     if getattr(loader, "num_workers", 0) > 0 and getattr(loader, "worker_init_fn", True) is None:
         loader.worker_init_fn = seed_worker

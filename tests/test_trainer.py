@@ -659,3 +659,11 @@ def test_resume_continues_logger_run_folder(tmp_path):
     assert trainer.logger.log_dir == first
     assert sorted(path.name for path in (tmp_path / "hookrt_logs").iterdir()) == ["version_0"]
     assert trainer.global_step == 6
+
+
+def test_precision_flag_adds_mixed_precision():
+    from hookrt.plugins import MixedPrecision
+
+    trainer = fit(Regressor(), precision="bf16-mixed")
+    assert [type(plugin) for plugin in trainer.plugins if isinstance(plugin, MixedPrecision)] == [MixedPrecision]
+    assert trainer.global_step == 3

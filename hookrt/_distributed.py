@@ -1,0 +1,139 @@
+"""Small helpers over ``torch.distributed`` that also work when no process group exists.
+
+Without an initialized default process group every helper acts as if this
+process were the only one: rank 0 of a world of size 1, a barrier that
+returns at once, gathers that return a one-element list.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "LAUNCHER_VARIABLES",
+    "all_gather_object",
+    "all_gather_tensors",
+    "barrier",
+    "default_backend",
+    "find_free_port",
+    "init_from_env",
+    "is_initialized",
+    "launched_by_launcher",
+    "local_rank",
+    "rank",
+    "world_size",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The environment variables that torchrun (and `hookrt._launch`) set for each process.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def is_initialized() -> bool:
+    """Return whether a default process group exists in this process."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Return this process's global rank, 0 without a process group."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """Return the number of processes in the default group, 1 without a process group."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    """Return the rank of this process on its machine: ``LOCAL_RANK``, else 0."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def launched_by_launcher() -> bool:
+    """Return whether torchrun or a similar launcher started this process (every `LAUNCHER_VARIABLES` is set)."""
+    return all(variable in os.environ for variable in LAUNCHER_VARIABLES)
+
+
+def default_backend(device_type: str) -> str:
+    """Return the backend for a device type: ``"nccl"`` for CUDA, ``"gloo"`` otherwise."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def init_from_env(backend: str, timeout: datetime.timedelta) -> None:
+    """Join the default process group described by the launcher's environment variables.
+
+    Raises:
+        RuntimeError: the rendezvous failed or timed out (raised by torch).
+    """
+    logger.info(
+        "Joining the process group: backend %s, rank %s of %s, master %s:%s", backend, os.environ.get("RANK"),
+        os.environ.get("WORLD_SIZE"), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"),
+    )
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+
+
+def barrier() -> None:
+    """Wait until every process reaches this call; returns at once without a process group."""
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Return the list of every rank's ``value`` (picklable), indexed by rank."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def all_gather_tensors(data: Any, sync_grads: bool = False) -> Any:
+    """Gather every tensor in ``data`` from all ranks, stacked along a new first dimension of size world_size.
+
+    Tensors inside lists, tuples and dicts are gathered too, in place in a
+    container of the same kind; other values come back unchanged. Every rank
+    must pass tensors of the same shape. Without a process group (or with one
+    process) ``data`` comes back unchanged.
+
+    Args:
+        data: a tensor or a container of tensors.
+        sync_grads: let gradients flow back through the gather to every rank's tensor.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return data
+    if isinstance(data, torch.Tensor):
+        return _gather_tensor(data, sync_grads)
+    if isinstance(data, Mapping):
+        return {key: all_gather_tensors(value, sync_grads) for key, value in data.items()}
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(all_gather_tensors(value, sync_grads) for value in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(all_gather_tensors(value, sync_grads) for value in data)
+    return data
+
+
+def _gather_tensor(tensor: torch.Tensor, sync_grads: bool) -> torch.Tensor:
+    tensor = tensor.contiguous()
+    if sync_grads:
+        from torch.distributed.nn.functional import all_gather as differentiable_all_gather
+
+        return torch.stack(differentiable_all_gather(tensor))
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, tensor)
+    return torch.stack(pieces)
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that was free a moment ago (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
