@@ -109,8 +109,9 @@ class SignalHandler(Plugin):
     ended by a signal. The stop is forced: ``min_epochs`` and ``min_steps`` do
     not keep training going, because the process is about to be ended.
 
-    NOTE: under DDP each process acts on the signal at its own next safe
-    point, and nothing makes the processes agree on one batch to stop after.
+    Under DDP the processes agree at every safe point, through a one-value
+    all-reduce, on whether any of them received a signal, so all of them
+    write the collective checkpoint and stop after the same batch.
 
     Args:
         signals: the signals to act on.
@@ -205,7 +206,7 @@ class SignalHandler(Plugin):
 
     def _act(self, payload: Payload) -> None:
         trainer = payload.trainer
-        signum = self._pending
+        signum = _agreed_signal(self._pending)
         if signum is None:
             return
         self._pending = None
@@ -225,3 +226,23 @@ class SignalHandler(Plugin):
             _signal_name(signum), trainer.current_epoch, trainer.batch_idx, trainer.global_step, path, path,
         )
 
+
+
+def _agreed_signal(pending: int | None) -> int | None:
+    """Return the signal any process of a DDP run received, or ``pending`` without one.
+
+    NOTE: no multi-process test sends a signal yet, so this agreement step has only run single-process.
+    """
+    from hookrt import _distributed
+
+    if not _distributed.is_initialized() or _distributed.world_size() < 2:
+        return pending
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([pending or 0], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    agreed = int(flag.item())
+    return agreed or None
