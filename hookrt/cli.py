@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import os
 import re
 import sys
 import textwrap
@@ -378,6 +379,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if show_traceback:
             raise
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`hookrt events | head`): stop quietly, and point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 1
 
 

@@ -399,3 +399,16 @@ def test_parse_options_literals():
     options = parse_options("a=1, b=[1, 2],c='x,y',d=true,e=text,f=None,g=2.5", "--plugin p")
 
     assert options == {"a": 1, "b": [1, 2], "c": "x,y", "d": True, "e": "text", "f": None, "g": 2.5}
+
+
+def test_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    script = "import sys; from hookrt.cli import main; sys.exit(main(['events']))"
+    process = subprocess.run(
+        f"{sys.executable} -c \"{script}\" | head -n 1", shell=True, capture_output=True, text=True, timeout=60
+    )
+    assert process.stdout.strip()
+    assert "Traceback" not in process.stderr
+    assert "BrokenPipeError" not in process.stderr

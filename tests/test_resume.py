@@ -315,10 +315,13 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, uninterrupted_weigh
     chooser = random.Random(20240229)
     steps = sorted(chooser.randrange(15, 150) for _ in range(3))
     folders = [tmp_path / f"killed{trial}" for trial in range(3)]
-    # The jobs run side by side. Each is killed once its checkpoint reaches its step, after a random delay.
-    processes = [start_job(folder, "--every", "7", "--batch-sleep", "0.002") for folder in folders]
+    # One job at a time: jobs run side by side on a loaded machine could finish before their turn to be
+    # killed. Each is killed once its checkpoint reaches its step, after a random delay.
+    processes: list[subprocess.Popen[bytes]] = []
     try:
-        for folder, process, step in zip(folders, processes, steps, strict=True):
+        for folder, step in zip(folders, steps, strict=True):
+            process = start_job(folder, "--every", "7", "--batch-sleep", "0.002")
+            processes.append(process)
             wait_for_checkpoint(process, folder / "step.ckpt", step)
             time.sleep(chooser.uniform(0.0, 0.05))
             process.kill()
