@@ -14,13 +14,14 @@ import difflib
 import heapq
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import blinker
 
-from hookrt._errors import CancelBatch, CancelEpoch, HookrtError, PluginError
+from hookrt._errors import CancelBatch, CancelEpoch, HookrtError, HookrtWarning, PluginError
 from hookrt._events import PAYLOAD_TYPES, WRAP_PAYLOAD_TYPES, Event, Payload, WrapPoint, payload_fields
 from hookrt._plugin import Plugin
 
@@ -260,6 +261,8 @@ class Bus:
                     "different arguments, or set a distinct state_key on one of them.",
                     plugin=plugin.name,
                 )
+        for message in plugin.undecorated_handlers():
+            warnings.warn(f"Plugin '{plugin.name}': {message}", HookrtWarning, stacklevel=3)
         added: list[Subscription] = []
         try:
             for fn, spec in plugin.handler_specs():
@@ -386,6 +389,15 @@ class Bus:
         what = "event" if kind == "on" else "wrapper point"
         close = difflib.get_close_matches(target, valid, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
+        if kind == "on":
+            from hookrt._hooks import MODULE_HOOKS
+
+            mapped = {row.hook: row.event.value for row in MODULE_HOOKS}
+            if target in mapped:
+                hint = (
+                    f" '{target}' is a LightningModule hook name; on the bus it runs on the event "
+                    f"'{mapped[target]}'."
+                )
         other = [member.value for member in (WrapPoint if kind == "on" else Event)]
         if target in other:
             hint = (
@@ -510,8 +522,8 @@ class Bus:
         fn = subscription.fn
         if self._instrument is not None:
             fn = self._instrument(subscription, fn)
-        if not subscription.has_filter and subscription.critical:
-            return fn
+        if not subscription.has_filter:
+            return fn if subscription.critical else self._guarded(subscription, fn)
         every = subscription.every
         once = subscription.once
         when = subscription.when
@@ -542,6 +554,24 @@ class Bus:
                 bus._disable(subscription, exc)
 
         return dispatch
+
+    def _guarded(self, subscription: Subscription, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Wrap a non-critical handler without filters: a failure disables its plugin, and no counter is kept."""
+        plugin = subscription.plugin
+        disabled = self._disabled
+        bus = self
+
+        def guarded(payload: Any) -> None:
+            if disabled and plugin is not None and id(plugin) in disabled:
+                return  # an earlier handler of the same plugin failed during this emit
+            try:
+                fn(payload)
+            except _CONTROL_FLOW:
+                raise
+            except Exception as exc:
+                bus._disable(subscription, exc)
+
+        return guarded
 
     def _disable(self, subscription: Subscription, exc: Exception) -> None:
         plugin = subscription.plugin
@@ -621,10 +651,14 @@ class Bus:
         try:
             for handler in handlers:
                 handler(payload)
-        finally:
+        except BaseException as exc:
             self._depth = depth
             if not depth and self._deferred:
-                self._run_deferred()
+                self._settle_deferred(event, exc)
+            raise
+        self._depth = depth
+        if not depth and self._deferred:
+            self._run_deferred()
         return payload
 
     def emit_to_all(self, event: str, /, **fields: Any) -> list[Exception]:
@@ -648,12 +682,16 @@ class Bus:
                     handler(payload)
                 except Exception as exc:
                     logger.error("Handler %s of %r failed; the other handlers still run.",
-                                 _callable_name(handler), event, exc_info=exc)
+                                 _callable_name(handler), str(event), exc_info=exc)
                     errors.append(exc)
-        finally:
+        except BaseException as exc:
             self._depth = depth
             if not depth and self._deferred:
-                self._run_deferred()
+                self._settle_deferred(event, exc)
+            raise
+        self._depth = depth
+        if not depth and self._deferred:
+            self._run_deferred()
         return errors
 
     def wrap(self, point: str, body: Callable[[Any], Any], /, **fields: Any) -> Any:
@@ -704,6 +742,10 @@ class Bus:
 
         Outside of a dispatch it runs at once. Checkpoint saves requested from a
         handler go through here, so every plugin's state is that of one moment.
+        When a later handler of that event raises anything but CancelBatch or
+        CancelEpoch, the action is dropped: a failing run writes no checkpoint
+        of a half-dispatched event, and a failure of the action cannot replace
+        the handler's exception.
         """
         if self._depth:
             self._deferred.append(action)
@@ -714,6 +756,17 @@ class Bus:
         actions, self._deferred = self._deferred, []
         for action in actions:
             action()
+
+    def _settle_deferred(self, event: str, exc: BaseException) -> None:
+        """Run or drop the actions deferred during a dispatch of ``event`` that raised ``exc``."""
+        if isinstance(exc, _CONTROL_FLOW):
+            self._run_deferred()
+            return
+        dropped, self._deferred = self._deferred, []
+        logger.warning(
+            "A handler of %r raised %s, so %d action(s) requested during that event, such as checkpoint saves, "
+            "are dropped.", str(event), type(exc).__name__, len(dropped),
+        )
 
     # ------------------------------------------------------------------ state and description
 

@@ -6,11 +6,12 @@ turned back into Lightning's ``(trainer, pl_module, ...)`` arguments.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from hookrt._events import Event
-from hookrt._plugin import HandlerSpec, Plugin
+from hookrt._plugin import SPECS_ATTRIBUTE, HandlerSpec, Plugin
 
 __all__ = ["CALLBACK_METHODS", "Callback"]
 
@@ -30,12 +31,15 @@ CALLBACK_METHODS: tuple[CallbackMethod, ...] = (
     CallbackMethod("on_sanity_check_end", Event.SANITY_CHECK_END, ()),
     CallbackMethod("on_train_start", Event.TRAIN_START, ()),
     CallbackMethod("on_train_epoch_start", Event.EPOCH_START, ()),
+    CallbackMethod("on_epoch_start", Event.EPOCH_START, ()),
+    CallbackMethod("on_batch_start", Event.BATCH_START, ()),
     CallbackMethod("on_train_batch_start", Event.BATCH_START, ("batch", "batch_idx")),
     CallbackMethod("on_before_backward", Event.BEFORE_BACKWARD, ("loss",)),
     CallbackMethod("on_after_backward", Event.AFTER_BACKWARD, ()),
     CallbackMethod("on_before_optimizer_step", Event.BEFORE_OPTIMIZER_STEP, ("optimizer",)),
     CallbackMethod("on_before_zero_grad", Event.OPTIMIZER_STEP, ("optimizer",)),
     CallbackMethod("on_train_batch_end", Event.BATCH_END, ("outputs", "batch", "batch_idx")),
+    CallbackMethod("on_batch_end", Event.BATCH_END, ()),
     CallbackMethod("on_validation_start", Event.VALIDATION_START, ()),
     CallbackMethod("on_validation_epoch_start", Event.VALIDATION_START, ()),
     CallbackMethod("on_validation_batch_start", Event.VALIDATION_BATCH_START,
@@ -45,6 +49,7 @@ CALLBACK_METHODS: tuple[CallbackMethod, ...] = (
     CallbackMethod("on_validation_epoch_end", Event.VALIDATION_END, ()),
     CallbackMethod("on_validation_end", Event.VALIDATION_END, ()),
     CallbackMethod("on_train_epoch_end", Event.EPOCH_END, ()),
+    CallbackMethod("on_epoch_end", Event.EPOCH_END, ()),
     CallbackMethod("on_train_end", Event.TRAIN_END, ()),
     CallbackMethod("on_test_start", Event.TEST_START, ()),
     CallbackMethod("on_test_epoch_start", Event.TEST_START, ()),
@@ -91,6 +96,25 @@ class Callback(Plugin):
             qualname = f"{type(self).__name__}.{row.method}"
             yield _adapter(getattr(self, row.method), row.fields, qualname), HandlerSpec("on", row.event.value, {})
         yield from super().handler_specs()
+
+    def undecorated_handlers(self) -> list[str]:
+        """Return messages about ``on_*`` methods that match no Lightning callback method (likely typos)."""
+        known = {row.method for row in CALLBACK_METHODS}
+        messages = []
+        for klass in type(self).__mro__:
+            if klass is Callback or not issubclass(klass, Callback):
+                continue
+            for attribute, value in vars(klass).items():
+                if not attribute.startswith("on_") or attribute in known or not callable(value):
+                    continue
+                if getattr(value, SPECS_ATTRIBUTE, None):
+                    continue
+                close = difflib.get_close_matches(attribute, sorted(known), n=1)
+                hint = f" Did you mean {close[0]}()?" if close else ""
+                messages.append(
+                    f"{klass.__name__}.{attribute}() is not a callback method, so it is never called.{hint}"
+                )
+        return messages
 
 
 def _add_method_stubs() -> None:

@@ -7,6 +7,7 @@ The file layer (atomic writes, safe loading, RNG capture) is in
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
 import logging
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,7 @@ def build_checkpoint(trainer: Trainer) -> tuple[dict[str, Any], dict[str, str]]:
         "state_dict": module.state_dict(),
         "hyper_parameters": hparams_to_plain(dict(module.hparams)),
         "optimizer_states": [optimizer.state_dict() for optimizer in trainer.optimizers],
+        "optimizer_classes": [type(optimizer).__name__ for optimizer in trainer.optimizers],
         "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
         "loops": {"progress": _progress_state(trainer), "metrics": trainer._metrics.state_dict()},
         "rng": capture_rng_state(),
@@ -97,13 +99,16 @@ def _rank_state(trainer: Trainer) -> dict[str, Any]:
             "partial_gradients": partial}
 
 
-def write_checkpoint(trainer: Trainer, path: str) -> None:
+def write_checkpoint(trainer: Trainer, path: str, *, asynchronous: bool = False) -> None:
     """Write the trainer's state to ``path`` atomically; only the global rank 0 process writes.
 
     Under ``torch.distributed`` this is a collective call that every rank must
     make: each rank's RNG state (and open accumulation window) is gathered
     into the checkpoint under ``"rank_states"``, and every rank waits at a
     barrier until rank 0 has finished writing, so none reads a partial file.
+    With ``asynchronous``, rank 0 copies the state (see `hookrt._async_save`)
+    and writes the file from a background thread, so the barrier waits only
+    for the copy.
     """
     from hookrt import _distributed as distributed
 
@@ -114,9 +119,14 @@ def write_checkpoint(trainer: Trainer, path: str) -> None:
             checkpoint, owners = build_checkpoint(trainer)
             if rank_states is not None:
                 checkpoint["rank_states"] = rank_states
-            save_atomic(checkpoint, path, owners=owners)
-            logger.info("Saved checkpoint %s (epoch %d, step %d)", path, trainer.current_epoch,
-                        trainer.global_step)
+            if asynchronous:
+                from hookrt._async_save import writer_for
+
+                writer_for(trainer).submit(checkpoint, path, owners=owners)
+            else:
+                save_atomic(checkpoint, path, owners=owners)
+            logger.info("%s checkpoint %s (epoch %d, step %d)", "Writing" if asynchronous else "Saved", path,
+                        trainer.current_epoch, trainer.global_step)
     finally:
         if several:
             distributed.barrier()
@@ -146,7 +156,10 @@ def _restore_training_state(trainer: Trainer, checkpoint: dict[str, Any], path: 
             f"Checkpoint {path} holds {len(optimizer_states)} optimizer state(s), but configure_optimizers() "
             f"returned {len(trainer.optimizers)}. Resume with the same optimizer set-up it was saved with."
         )
-    for optimizer, state in zip(trainer.optimizers, optimizer_states, strict=True):
+    saved_classes = checkpoint.get("optimizer_classes", [])
+    for index, (optimizer, state) in enumerate(zip(trainer.optimizers, optimizer_states, strict=True)):
+        _check_optimizer_fits(optimizer, state, saved_classes[index] if index < len(saved_classes) else None,
+                              index, path)
         optimizer.load_state_dict(state)
     for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", []), strict=False):
         config.scheduler.load_state_dict(state)
@@ -198,6 +211,24 @@ def _restore_rank_state(trainer: Trainer, checkpoint: dict[str, Any], path: str)
     trainer._pending_gradients = state["partial_gradients"]
 
 
+def _check_optimizer_fits(optimizer: Any, state: dict[str, Any], saved_class: str | None, index: int,
+                          path: str) -> None:
+    """Raise when a saved optimizer state belongs to another kind of optimizer.
+
+    torch would load it and then fail at the first step on a missing hyperparameter.
+    """
+    saved_keys = {key for group in state.get("param_groups", []) for key in group if key != "params"}
+    current_keys = {key for group in optimizer.param_groups for key in group if key != "params"}
+    current_class = type(optimizer).__name__
+    if (saved_class is not None and saved_class != current_class) or (saved_keys and saved_keys != current_keys):
+        saved = saved_class or f"an optimizer with options {sorted(saved_keys)}"
+        raise CheckpointError(
+            f"Checkpoint {path} holds the state of {saved} for optimizer {index}, but configure_optimizers() now "
+            f"returns {current_class}. Resume with the optimizer the checkpoint was written with, or load only the "
+            "weights: Model.load_from_checkpoint(path), then fit without ckpt_path."
+        )
+
+
 def apply_partial_gradients(trainer: Trainer) -> None:
     """Put back the gradients of an accumulation window that was open when the checkpoint was written."""
     partial = getattr(trainer, "_pending_gradients", None)
@@ -242,6 +273,14 @@ def build_module_from_checkpoint(
     if names == ["hparams"] and "hparams" not in arguments:
         module = cls(argparse.Namespace(**arguments))
     else:
+        unknown = sorted(set(overrides) - set(names)) if not takes_any else []
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise MisconfigurationError(
+                f"{cls.__name__}.load_from_checkpoint got {', '.join(map(repr, unknown))}, which "
+                f"{cls.__name__}.__init__ does not take.{hint} Its arguments are: {', '.join(names) or 'none'}."
+            )
         accepted = arguments if takes_any else {key: value for key, value in arguments.items() if key in names}
         try:
             module = cls(**accepted)

@@ -267,12 +267,16 @@ def _explain_os_error(exc: BaseException) -> str:
         return " The disk is full: free space or save to another folder."
     if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return " Check that the folder is writable."
+    if cause.errno in (errno.EEXIST, errno.ENOTDIR):
+        return " A part of the folder path is a file, not a folder: save to another folder."
     return ""
 
 
 def _remove_quietly(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
+    except NotADirectoryError:
+        return  # a part of the folder path is a file, so the temporary file was never created
     except OSError as exc:
         log.warning("Could not remove the temporary checkpoint file %s: %s", path, exc)
 

@@ -40,6 +40,12 @@ def _check_int(flag: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _check_bool(flag: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(flag, value, "True or False")
+    return value
+
+
 def _check_limit(flag: str, value: Any) -> int | float:
     if _is_int(value) and value >= 0:
         return int(value)
@@ -184,6 +190,8 @@ class TrainerConfig:
             every_n = 1
 
         root = flags["default_root_dir"]
+        if root is not None and not isinstance(root, (str, os.PathLike)):
+            raise _fail("default_root_dir", root, "None or a folder path (str or os.PathLike)")
         root = os.path.abspath(os.fspath(root)) if root is not None else os.getcwd()
         return cls(
             max_epochs=max_epochs,
@@ -205,15 +213,31 @@ class TrainerConfig:
             devices=flags["devices"],
             num_nodes=_check_int("num_nodes", flags["num_nodes"], 1),
             strategy=strategy,
-            deterministic=bool(flags["deterministic"]),
-            detect_anomaly=bool(flags["detect_anomaly"]),
+            deterministic=_check_bool("deterministic", flags["deterministic"]),
+            detect_anomaly=_check_bool("detect_anomaly", flags["detect_anomaly"]),
             default_root_dir=root,
-            enable_checkpointing=bool(flags["enable_checkpointing"]) and not fast_dev_run,
+            enable_checkpointing=(
+                _check_bool("enable_checkpointing", flags["enable_checkpointing"]) and not fast_dev_run
+            ),
             logger=flags["logger"] if not fast_dev_run else False,
-            enable_progress_bar=bool(flags["enable_progress_bar"]),
-            enable_model_summary=bool(flags["enable_model_summary"]),
+            enable_progress_bar=_check_bool("enable_progress_bar", flags["enable_progress_bar"]),
+            enable_model_summary=_check_bool("enable_model_summary", flags["enable_model_summary"]),
             **limits,
         )
+
+    def check_val_interval_fits(self, length: float) -> None:
+        """Raise when a batch-count ``val_check_interval`` exceeds an epoch of ``length`` batches.
+
+        Raises:
+            MisconfigurationError: validation would never run.
+        """
+        interval = self.val_check_interval
+        if isinstance(interval, int) and not math.isinf(length) and interval > length:
+            raise MisconfigurationError(
+                f"Trainer(val_check_interval={interval}) is larger than the {int(length)} training batches of an "
+                f"epoch (after limit_train_batches), so validation would never run. Use a batch count of at most "
+                f"{int(length)}, or a fraction of the epoch such as 1.0."
+            )
 
     def val_points(self, length: float) -> set[int] | None:
         """Return the batch counts after which validation runs in an epoch of ``length`` batches.

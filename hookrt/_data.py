@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from hookrt._errors import MisconfigurationError
+from hookrt._errors import HookrtWarning, MisconfigurationError
 
 __all__ = [
     "as_loader_list",
@@ -42,12 +43,23 @@ def check_loader(loader: Any, source: str) -> Any:
 
 
 def as_loader_list(value: Any, source: str) -> list[Any]:
-    """Return a list of checked loaders from one loader, a list or tuple of them, or None."""
+    """Return a list of checked loaders from one loader, a list or tuple of them, or None.
+
+    A loader whose length is 0 gets a `HookrtWarning`, because nothing would run over it.
+    """
     if value is None:
         return []
-    if isinstance(value, (list, tuple)):
-        return [check_loader(item, f"{source} (item {index})") for index, item in enumerate(value)]
-    return [check_loader(value, source)]
+    named = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+    loaders = []
+    for index, item in named:
+        where = source if index is None else f"{source} (item {index})"
+        loaders.append(check_loader(item, where))
+        if loader_length(item) == 0:
+            warnings.warn(
+                f"{where} gave a loader with no batches, so nothing runs over it. Check the dataset size, and "
+                "batch_size with drop_last=True.", HookrtWarning, stacklevel=5,
+            )
+    return loaders
 
 
 def loader_length(loader: Any) -> float:

@@ -6,7 +6,7 @@ so lazily, so ``import hookrt`` stays free of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hookrt._errors import PluginError
@@ -15,7 +15,28 @@ from hookrt._plugin import Plugin
 if TYPE_CHECKING:
     from hookrt._trainer import Trainer
 
-__all__ = ["build_plugin_stack"]
+__all__ = ["build_plugin_stack", "plugin_items"]
+
+
+def plugin_items(value: Any, flag: str) -> list[Any]:
+    """Return the Trainer's ``plugins`` or ``callbacks`` argument as a list.
+
+    A single plugin or plugin name counts as a list of one, and None as an empty list.
+
+    Raises:
+        PluginError: the value is neither of these nor an iterable of them.
+    """
+    if value is None:
+        return []
+    if isinstance(value, (Plugin, str)):
+        return [value]
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
+        return list(value)
+    raise PluginError(
+        f"Trainer({flag}={value!r}) is invalid: {flag} must be a list of hookrt.Plugin objects or names of "
+        "installed plugins.",
+        plugin=type(value).__name__,
+    )
 
 
 def _user_plugins(items: Sequence[Any], source: str) -> list[Plugin]:
@@ -27,6 +48,12 @@ def _user_plugins(items: Sequence[Any], source: str) -> list[Plugin]:
             plugins.append(resolve_plugin(item))
         elif isinstance(item, Plugin):
             plugins.append(item)
+        elif isinstance(item, type) and issubclass(item, Plugin):
+            raise PluginError(
+                f"{source} item {index} is the class {item.__name__}, not an instance. Pass {item.__name__}() "
+                "instead.",
+                plugin=item.__name__,
+            )
         else:
             raise PluginError(
                 f"{source} item {index} is a {type(item).__name__}, not a hookrt.Plugin or a plugin name. "

@@ -132,5 +132,26 @@ class Plugin:
                 for spec in specs:
                     yield bound, spec
 
+    def undecorated_handlers(self) -> list[str]:
+        """Return messages about methods that look like handlers but will never be called.
+
+        A method named after an event (``on_batch_end``) without ``@hookrt.on`` is
+        such a method; the bus warns about each one when the plugin is registered.
+        """
+        from hookrt._events import Event
+
+        events = {member.value for member in Event}
+        messages = []
+        for klass in type(self).__mro__:
+            if klass is Plugin or not issubclass(klass, Plugin):
+                continue
+            for attribute, value in vars(klass).items():
+                if attribute in events and callable(value) and not getattr(value, SPECS_ATTRIBUTE, None):
+                    messages.append(
+                        f"{klass.__name__}.{attribute}() is named after the event '{attribute}' but is not "
+                        f"decorated, so it is never called. Add @hookrt.on('{attribute}') above it."
+                    )
+        return messages
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(state_key={self.state_key!r})"

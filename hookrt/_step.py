@@ -41,7 +41,9 @@ def extract_loss(output: Any) -> torch.Tensor:
     """
     loss = output.get("loss") if isinstance(output, Mapping) else output
     if not isinstance(loss, torch.Tensor):
-        if isinstance(output, Mapping):
+        if isinstance(output, Mapping) and "loss" in output:
+            found = f"a dict whose 'loss' is a {type(loss).__name__}, not a tensor"
+        elif isinstance(output, Mapping):
             found = f"a dict with keys {sorted(map(str, output))}"
         else:
             found = "None" if output is None else f"a {type(output).__name__}"
@@ -92,6 +94,32 @@ def _positional_names(fn: Callable[..., Any]) -> list[str]:
         return []
 
 
+def _check_training_step(module: Any, arguments: list[str]) -> None:
+    """Raise when ``module.training_step`` cannot take the positional ``arguments`` the batch step passes."""
+    try:
+        signature = inspect.signature(module.training_step)
+    except (TypeError, ValueError):
+        return  # no signature to check against, so the call itself reports a mismatch
+    try:
+        signature.bind(*arguments)
+    except TypeError as exc:
+        # Annotations are left out: under `from __future__ import annotations` they print as quoted strings.
+        parameters = [parameter.replace(annotation=parameter.empty) for parameter in signature.parameters.values()]
+        plain = signature.replace(parameters=parameters, return_annotation=signature.empty)
+        expected = ", ".join(arguments)
+        raise MisconfigurationError(
+            f"{type(module).__name__}.training_step{plain} cannot be called as training_step({expected}): {exc}. "
+            f"Define it as training_step(self, {expected})."
+        ) from None
+
+
+def _keeps_default_optimizer_step(module: Any) -> bool:
+    from hookrt._module import LightningModule
+
+    return "optimizer_step" not in vars(module) and \
+        getattr(type(module), "optimizer_step", None) is LightningModule.optimizer_step
+
+
 class BatchStep:
     """Runs one training batch under automatic optimization.
 
@@ -113,6 +141,8 @@ class BatchStep:
         self.pass_optimizer_idx = len(self.optimizers) > 1 and (
             "optimizer_idx" in names or len(names) >= 3 + (1 if self.tbptt_steps else 0)
         )
+        arguments = ["batch", "batch_idx", *(["optimizer_idx"] if self.pass_optimizer_idx else [])]
+        _check_training_step(self.module, [*arguments, *(["hiddens"] if self.tbptt_steps else [])])
         #: Micro-batches whose backward ran in the open window, per optimizer.
         self.contributions = [0] * len(self.optimizers)
         self.last_losses: list[torch.Tensor | None] = [None] * len(self.optimizers)
@@ -124,6 +154,9 @@ class BatchStep:
         #: Whether batches can take the flat path of `_run_single`: one optimizer, no truncated BPTT,
         #: automatic optimization and the current optimizer_step signature. Wrappers are checked per batch.
         self.simple = not (self.manual or self.tbptt_steps or self.guarded or self.legacy_optimizer_step)
+        #: Whether the module keeps LightningModule.optimizer_step, so that the flat path can make the
+        #: call that it makes, ``optimizer.step(closure=closure)``, without the extra Python call.
+        self.default_optimizer_step = _keeps_default_optimizer_step(self.module)
 
     # ------------------------------------------------------------------ per batch
 
@@ -206,7 +239,10 @@ class BatchStep:
 
         if closes:
             trainer._step_skipped = False
-            module.optimizer_step(trainer._progress.current_epoch, batch_idx, optimizer, 0, closure)
+            if self.default_optimizer_step:
+                optimizer.step(closure=closure)  # type: ignore[arg-type]  # torch's stub wants a float
+            else:
+                module.optimizer_step(trainer._progress.current_epoch, batch_idx, optimizer, 0, closure)
             if calls == 0:
                 self._raise_closure_not_run()
             self._after_step(optimizer, 0)

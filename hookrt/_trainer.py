@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ import torch
 from hookrt._bus import Bus, Handle
 from hookrt._config import TrainerConfig
 from hookrt._data import as_loader_list, check_loader, limited_length
-from hookrt._errors import MisconfigurationError
+from hookrt._errors import HookrtWarning, MisconfigurationError
 from hookrt._events import Event
 from hookrt._hooks import subscribe_module_hooks
 from hookrt._loop import EvalLoop, FitLoop, Progress
@@ -105,12 +106,15 @@ class Trainer:
         self._pending_rng: dict[str, Any] | None = None
         self._pending_gradients: dict[str, Any] | None = None
         self._batch_step: Any = None
+        #: The entry point running now ("fit", "validate", ...), or None.
+        self._running: str | None = None
         self._run_handles: list[Handle] = []
         if self.config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        from hookrt._defaults import build_plugin_stack
+        from hookrt._defaults import build_plugin_stack, plugin_items
 
-        for plugin in build_plugin_stack(self, [*plugins, *callbacks]):
+        items = [*plugin_items(plugins, "plugins"), *plugin_items(callbacks, "callbacks")]
+        for plugin in build_plugin_stack(self, items):
             self.bus.register(plugin)
 
     # ------------------------------------------------------------------ attributes
@@ -294,16 +298,23 @@ class Trainer:
             results = EvalLoop(self, "predict", loaders, self.config.limit_predict_batches).run()
         return results[0] if len(results) == 1 else results
 
-    def save_checkpoint(self, path: Any) -> None:
+    def save_checkpoint(self, path: Any, asynchronous: bool = False) -> None:
         """Write a checkpoint of the current state to ``path``.
 
         Called from a handler, the write waits until the event being dispatched
         has reached every handler, so each plugin's state is that of one moment.
+
+        With ``asynchronous=True``, the state is copied to host memory at that
+        same moment and the file is written from a background thread, so
+        training stalls only for the copy. At most one such write is in flight:
+        the next save waits for it. An error in the write is raised by the next
+        save or at the end of the run, and the run does not return before the
+        file is complete.
         """
         from hookrt._checkpoint import write_checkpoint
 
         target = os.fspath(path)
-        self.bus.after_dispatch(lambda: write_checkpoint(self, target))
+        self.bus.after_dispatch(lambda: write_checkpoint(self, target, asynchronous=asynchronous))
 
     def request_stop(self, reason: str, *, force: bool = False) -> None:
         """Stop fit after the current batch, recording ``reason``.
@@ -331,6 +342,20 @@ class Trainer:
                 f"Trainer.{stage} needs a hookrt.LightningModule, got {type(model).__name__}. "
                 "Subclass hookrt.LightningModule (or `pl.LightningModule` with `import hookrt as pl`)."
             )
+        if self._running is not None:
+            raise MisconfigurationError(
+                f"Trainer.{stage} was called while trainer.{self._running} is still running (from one of its "
+                f"handlers). Runs cannot nest: build a second Trainer, or call {stage} after {self._running} returns."
+            )
+        self._running = stage
+        try:
+            with self._attached_run(stage, model):
+                yield
+        finally:
+            self._running = None
+
+    @contextlib.contextmanager
+    def _attached_run(self, stage: str, model: LightningModule) -> Iterator[None]:
         self._attach(model)
         was_training = model.training
         grad_enabled = torch.is_grad_enabled()
@@ -364,11 +389,9 @@ class Trainer:
         self._run_handles = subscribe_module_hooks(self.bus, model, LightningModule)
 
     def _emit_exception(self, exc: BaseException) -> None:
-        try:
-            self.bus.emit(Event.EXCEPTION, exception=exc)
-        except Exception:
-            logger.exception("A handler of on_exception failed while handling %r; the original error is raised.",
-                             exc)
+        # Every handler hears of the failure, so one failing handler cannot keep a logger from recording it.
+        if self.bus.emit_to_all(Event.EXCEPTION, exception=exc):
+            logger.error("A handler of on_exception failed while handling %r; the original error is raised.", exc)
 
     def _teardown(self, stage: str, failed: bool) -> None:
         # Every teardown handler runs, so one failing plugin cannot keep others from closing their files.
@@ -401,14 +424,33 @@ class Trainer:
                 "The training loader has no batches (its length, after limit_train_batches, is 0). Check the "
                 "dataset size, batch_size with drop_last=True, and limit_train_batches."
             )
-        self.val_dataloaders = self._eval_loaders("validate", val_dataloaders, required=False)
+        self.val_dataloaders = self._eval_loaders("validate", val_dataloaders, required=False,
+                                                  argument="val_dataloaders")
         self._validation_enabled = bool(self.val_dataloaders) and self._overrides("validation_step") \
             and self.config.limit_val_batches != 0
+        module_name = type(self.lightning_module).__name__
+        if self.val_dataloaders and not self._overrides("validation_step"):
+            warnings.warn(
+                f"Validation data was given but {module_name} defines no validation_step(batch, batch_idx), so "
+                "fit will not validate. Define validation_step, or drop the validation loader.",
+                HookrtWarning,
+                stacklevel=4,
+            )
+        if isinstance(loader, Iterator) and self.config.max_epochs != 1:
+            warnings.warn(
+                f"The training data is a one-shot iterator ({type(loader).__name__}), so only the first epoch gets "
+                "batches. Pass a DataLoader or another re-iterable object, or set max_epochs=1.",
+                HookrtWarning,
+                stacklevel=4,
+            )
         self.config.val_points(self.num_training_batches)  # reject a fractional interval without a length now
+        if self._validation_enabled:
+            self.config.check_val_interval_fits(self.num_training_batches)
 
-    def _eval_loaders(self, stage: str, dataloaders: Any, required: bool = True) -> list[Any]:
+    def _eval_loaders(self, stage: str, dataloaders: Any, required: bool = True,
+                      argument: str = "dataloaders") -> list[Any]:
         hook = {"validate": "val_dataloader", "test": "test_dataloader", "predict": "predict_dataloader"}[stage]
-        source = "dataloaders" if dataloaders is not None else f"{type(self.lightning_module).__name__}.{hook}()"
+        source = argument if dataloaders is not None else f"{type(self.lightning_module).__name__}.{hook}()"
         value = dataloaders if dataloaders is not None else self._call_loader_hook(hook)
         loaders = as_loader_list(value, source)
         if required and not loaders:

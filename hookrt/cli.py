@@ -256,6 +256,13 @@ def _fit(args: argparse.Namespace) -> int:
     line = f"fit finished: {type(module).__name__}, {epochs} epoch{'s' * (epochs != 1)}, {trainer.global_step} steps"
     metrics = _format_metrics(trainer.callback_metrics)
     print(f"{line}, {metrics}" if metrics else line)
+    from hookrt.plugins.signals import SignalHandler
+
+    for plugin in trainer.plugins:
+        if isinstance(plugin, SignalHandler) and plugin.received is not None:
+            # A run stopped by a signal exits as shells report a job ended by that signal.
+            print(f"stopped by signal {plugin.received}; checkpoint: {plugin.checkpoint_path}", file=sys.stderr)
+            return 128 + int(plugin.received)
     return 0
 
 

@@ -412,3 +412,25 @@ def test_closed_pipe_ends_quietly():
     assert process.stdout.strip()
     assert "Traceback" not in process.stderr
     assert "BrokenPipeError" not in process.stderr
+
+
+SIGNALLING_SOURCE = MODEL_SOURCE + '''
+
+class Signalling(Net):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().training_step(batch, batch_idx)
+'''
+
+
+def test_fit_stopped_by_signal_exits_with_signal_status(tmp_path, quiet, capsys):
+    import signal
+
+    (tmp_path / "signalling.py").write_text(SIGNALLING_SOURCE)
+    status = cli.main(["fit", f"{tmp_path / 'signalling.py'}:Signalling", *quiet])
+    assert status == 128 + signal.SIGTERM
+    assert "stopped by signal 15; checkpoint: " in capsys.readouterr().err

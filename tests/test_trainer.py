@@ -667,3 +667,109 @@ def test_precision_flag_adds_mixed_precision():
     trainer = fit(Regressor(), precision="bf16-mixed")
     assert [type(plugin) for plugin in trainer.plugins if isinstance(plugin, MixedPrecision)] == [MixedPrecision]
     assert trainer.global_step == 3
+
+
+def test_nested_fit_from_handler_is_rejected():
+    class Nested(hookrt.Plugin):
+        @hookrt.on("on_epoch_end")
+        def refit(self, payload):
+            payload.trainer.fit(payload.module, make_loader())
+
+    with pytest.raises(MisconfigurationError, match=r"Trainer\.fit was called while trainer\.fit is still running"):
+        fit(Regressor(), max_epochs=3, plugins=[Nested()])
+
+
+def test_plugin_class_instead_of_instance():
+    class Probe(hookrt.Plugin):
+        pass
+
+    with pytest.raises(hookrt.PluginError, match=r"item 0 is the class Probe, not an instance\. Pass Probe\(\)"):
+        hookrt.Trainer(plugins=[Probe], **QUIET)
+
+
+def test_resume_with_other_optimizer_class(tmp_path):
+    trainer = fit(Regressor())
+    path = tmp_path / "sgd.ckpt"
+    trainer.save_checkpoint(path)
+
+    class WithAdam(Regressor):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters())
+
+    trainer = hookrt.Trainer(max_epochs=2, **QUIET)
+    with pytest.raises(hookrt.CheckpointError, match=r"holds the state of SGD for optimizer 0, but .* returns Adam"):
+        trainer.fit(WithAdam(), make_loader(), ckpt_path=path)
+
+
+def test_load_from_checkpoint_rejects_unknown_override(tmp_path):
+    class Saved(Regressor):
+        def __init__(self, lr: float = 0.1, hidden: int = 3):
+            super().__init__(lr=lr, hidden=hidden)
+            self.save_hyperparameters()
+
+    trainer = fit(Saved())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(MisconfigurationError, match=r"got 'hiden', which Saved\.__init__ does not take\. Did you"):
+        Saved.load_from_checkpoint(path, hiden=4)
+
+
+def test_undecorated_event_method_warns():
+    class Forgot(hookrt.Plugin):
+        def on_batch_end(self, payload):
+            pass
+
+    with pytest.warns(hookrt.HookrtWarning, match=r"Forgot\.on_batch_end\(\) is named after the event 'on_batch_end'"):
+        hookrt.Bus().register(Forgot())
+
+
+def test_misspelled_callback_method_warns():
+    class Typo(hookrt.Callback):
+        def on_train_batch_ends(self, trainer, pl_module, outputs, batch, batch_idx):
+            pass
+
+    with pytest.warns(hookrt.HookrtWarning, match=r"Typo\.on_train_batch_ends\(\) is not a callback method.*Did you"):
+        hookrt.Bus().register(Typo())
+
+
+def test_lightning_hook_name_points_at_event():
+    bus = hookrt.Bus()
+    with pytest.raises(hookrt.PluginError, match=r"'on_train_batch_end' is a LightningModule hook name; on the bus "
+                                                 r"it runs on the event 'on_batch_end'"):
+        bus.subscribe("on_train_batch_end", lambda payload: None)
+
+
+def test_bool_flag_rejects_string():
+    with pytest.raises(MisconfigurationError, match=r"Trainer\(enable_checkpointing='false'\) is not valid"):
+        hookrt.Trainer(enable_checkpointing="false")
+
+
+def test_float_loss_in_dict_names_type():
+    class FloatLoss(Regressor):
+        def training_step(self, batch, batch_idx):
+            return {"loss": 0.3}
+
+    with pytest.raises(MisconfigurationError, match=r"returned a dict whose 'loss' is a float, not a tensor"):
+        fit(FloatLoss())
+
+
+def test_validation_loader_without_step_warns():
+    class Plain(hookrt.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch, batch_idx):
+            return F.mse_loss(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.warns(hookrt.HookrtWarning, match=r"Validation data was given but Plain defines no validation_step"):
+        fit(Plain(), val=make_loader(1))
+
+
+def test_one_shot_iterator_warns():
+    batches = iter(list(make_loader()))
+    with pytest.warns(hookrt.HookrtWarning, match=r"one-shot iterator \(list_iterator\), so only the first epoch"):
+        fit(Regressor(), train=batches, max_epochs=2)

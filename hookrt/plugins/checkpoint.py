@@ -86,6 +86,9 @@ class ModelCheckpoint(Plugin):
         save_last: also write ``last.ckpt`` at each save moment.
         every_n_train_steps: save every this many optimizer steps; None or 0 for no step schedule.
         every_n_epochs: save every this many epochs; None or 0 for no epoch schedule.
+        async_save: write the files from a background thread (``trainer.save_checkpoint(path,
+            asynchronous=True)``), so training stalls only while the state is copied. A file that
+            leaves the top k is deleted after the new file's write has succeeded.
 
     Raises:
         MisconfigurationError: an argument is invalid, or ``every_n_train_steps`` is
@@ -102,6 +105,7 @@ class ModelCheckpoint(Plugin):
         save_last: bool = False,
         every_n_train_steps: int | None = None,
         every_n_epochs: int | None = 1,
+        async_save: bool = False,
     ) -> None:
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise MisconfigurationError(
@@ -141,6 +145,7 @@ class ModelCheckpoint(Plugin):
         self.every_n_train_steps = steps
         #: The epoch schedule in effect: None when ``every_n_train_steps`` replaces it.
         self.every_n_epochs = epochs if steps is None else None
+        self.async_save = bool(async_save)
 
         #: The file with the best score (the latest file without ``monitor``); "" before the first save.
         self.best_model_path = ""
@@ -158,6 +163,8 @@ class ModelCheckpoint(Plugin):
         self._step_at_batch_start = 0
         self._fitting = False
         self._skipped_missing_monitor = False
+        #: The bookkeeping before the save moment whose files are not written yet, or None.
+        self._before_unwritten_save: dict[str, Any] | None = None
         self.state_key = (
             f"ModelCheckpoint{{monitor={monitor!r}, mode={mode!r}, every_n_train_steps={steps!r}, "
             f"every_n_epochs={epochs!r}}}"
@@ -170,6 +177,8 @@ class ModelCheckpoint(Plugin):
         self._fitting = payload.stage == "fit"
         if self._fitting:
             self.dirpath = self._dirpath_argument or os.path.join(payload.trainer.default_root_dir, "checkpoints")
+            argument = "dirpath" if self._dirpath_argument else "the default dirpath, under default_root_dir"
+            check_folder(self.dirpath, f"ModelCheckpoint {argument} {self.dirpath!r}")
 
     @on("teardown", order=CHECKPOINT_ORDER)
     def _end_run(self, payload: StagePayload) -> None:
@@ -214,7 +223,8 @@ class ModelCheckpoint(Plugin):
 
     @on("on_batch_start", order=CHECKPOINT_ORDER)
     def _note_step_at_batch_start(self, payload: BatchPayload) -> None:
-        self._step_at_batch_start = payload.trainer.global_step
+        if self.every_n_train_steps is not None:
+            self._step_at_batch_start = payload.trainer.global_step
 
     @on("on_batch_end", order=CHECKPOINT_ORDER)
     def _save_on_step_schedule(self, payload: BatchEndPayload) -> None:
@@ -255,6 +265,9 @@ class ModelCheckpoint(Plugin):
         if step == self._last_saved_step:
             logger.debug("ModelCheckpoint already saved at step %d; skipping this save moment.", step)
             return
+        # The bookkeeping changes before the writes, so that each file records itself in the state it contains.
+        # If a write fails or is dropped, the run fails, and on_exception puts the previous bookkeeping back.
+        self._before_unwritten_save = self._bookkeeping()
         self._last_saved_step = step
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
@@ -262,6 +275,34 @@ class ModelCheckpoint(Plugin):
             self._save_top_k(trainer, metrics)
         if self.save_last:
             self._save_last(trainer)
+        trainer.bus.after_dispatch(self._saves_written)
+
+    def _bookkeeping(self) -> dict[str, Any]:
+        return {
+            "best_model_path": self.best_model_path,
+            "best_model_score": self.best_model_score,
+            "best_k_models": dict(self.best_k_models),
+            "last_model_path": self.last_model_path,
+            "last_saved_step": self._last_saved_step,
+        }
+
+    def _saves_written(self) -> None:
+        # NOTE: with async_save this runs once the writes are queued, so a background write that fails later
+        # stays recorded.
+        self._before_unwritten_save = None
+
+    @on("on_exception", order=CHECKPOINT_ORDER)
+    def _forget_unwritten_save(self, payload: Payload) -> None:
+        previous, self._before_unwritten_save = self._before_unwritten_save, None
+        if previous is None:
+            return
+        logger.info("ModelCheckpoint: the run failed before the save at step %d was written, so that save is "
+                    "not recorded.", self._last_saved_step)
+        self.best_model_path = previous["best_model_path"]
+        self.best_model_score = previous["best_model_score"]
+        self.best_k_models = previous["best_k_models"]
+        self.last_model_path = previous["last_model_path"]
+        self._last_saved_step = previous["last_saved_step"]
 
     def _save_top_k(self, trainer: Any, metrics: Mapping[str, torch.Tensor]) -> None:
         step = int(trainer.global_step)
@@ -282,7 +323,7 @@ class ModelCheckpoint(Plugin):
             return
         name = self._format_name(int(trainer.current_epoch), step, metrics)
         path = self._free_path(name, keep=displaced)
-        trainer.save_checkpoint(path)
+        self._write(trainer, path)
         if displaced is not None:
             del self.best_k_models[displaced]
             if displaced != path:
@@ -292,7 +333,7 @@ class ModelCheckpoint(Plugin):
 
     def _save_last(self, trainer: Any) -> None:
         path = self._free_path(LAST_NAME, keep=self.last_model_path or None)
-        trainer.save_checkpoint(path)
+        self._write(trainer, path)
         self.last_model_path = path
 
     def _better(self, score: torch.Tensor, other: torch.Tensor) -> bool:
@@ -341,9 +382,23 @@ class ModelCheckpoint(Plugin):
     def _path_taken(self, path: str) -> bool:
         return path in self.best_k_models or path == self.last_model_path or _exists_on_rank_zero(path)
 
+    def _write(self, trainer: Any, path: str) -> None:
+        if self.async_save:
+            trainer.save_checkpoint(path, asynchronous=True)
+        else:
+            trainer.save_checkpoint(path)
+
     def _remove_after_write(self, trainer: Any, path: str) -> None:
         """Delete ``path`` once the pending write has run: deferred like it, so the new file is complete first."""
-        trainer.bus.after_dispatch(lambda: self._remove_file(trainer, path))
+        if not self.async_save:
+            trainer.bus.after_dispatch(lambda: self._remove_file(trainer, path))
+            return
+        from hookrt._async_save import writer_for
+
+        def remove_when_written() -> None:
+            writer_for(trainer).after_write(lambda: self._remove_file(trainer, path))
+
+        trainer.bus.after_dispatch(remove_when_written)
 
     @staticmethod
     def _remove_file(trainer: Any, path: str) -> None:
@@ -440,6 +495,29 @@ class ModelCheckpoint(Plugin):
         self.best_k_models = {str(path): torch.as_tensor(value)
                               for path, value in state_dict.get("best_k_models", {}).items()}
         self.last_model_path = str(state_dict.get("last_model_path", ""))
+
+
+def check_folder(path: str, what: str) -> None:
+    """Raise when ``path``, or the nearest part of it that exists, is not a folder, so files cannot go there.
+
+    Args:
+        path: the folder that files will be written to; it may not exist yet.
+        what: how the error names the folder, such as "ModelCheckpoint dirpath '/data/run'".
+
+    Raises:
+        MisconfigurationError: a file is in the way.
+    """
+    existing = path
+    while not os.path.lexists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            return
+        existing = parent
+    if not os.path.isdir(existing):
+        raise MisconfigurationError(
+            f"{what} is not usable: {existing!r} is a file, not a folder, so no checkpoint can be written there. "
+            "Pass a folder path."
+        )
 
 
 def _check_interval(name: str, value: int | None) -> int | None:

@@ -73,6 +73,12 @@ class Logger(Plugin, abc.ABC):
                 f"{type(self).__name__}(name={name!r}) is invalid: name must be a non-empty string, "
                 "the experiment folder under save_dir."
             )
+        if os.path.isabs(name) or ".." in re.split(r"[\\/]", name):
+            raise MisconfigurationError(
+                f"{type(self).__name__}(name={name!r}) is invalid: name must be a folder inside save_dir, "
+                "without '..' parts and not an absolute path. Give the folder that should contain the "
+                "experiment as save_dir."
+            )
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
             raise MisconfigurationError(
                 f"{type(self).__name__}(version={version!r}) is invalid: version must be a non-negative int, "

@@ -53,11 +53,12 @@ class LearningRateMonitor(Plugin):
         self.log_momentum = bool(log_momentum)
         #: The values most recently handed to the loggers, by metric name.
         self.last_values: dict[str, float] = {}
-        self._last_step: int | None = None
+        #: The first global step of the next step interval, where the next value is logged.
+        self._next_step = 0
 
     @on("on_train_start")
     def _check_loggers(self, payload: Payload) -> None:
-        self._last_step = None
+        self._next_step = 0
         if not getattr(payload.trainer, "loggers", None):
             rank_zero_warn(
                 "LearningRateMonitor has no logger to write to because the trainer has no loggers. "
@@ -76,13 +77,13 @@ class LearningRateMonitor(Plugin):
         if self.logging_interval == "epoch":
             return
         trainer = payload.trainer
+        # A batch can advance global_step by more than one (one step per optimizer), so the test is whether
+        # a new interval was reached, rather than step % every == 0, which such a batch could jump over.
+        if trainer.global_step < self._next_step:
+            return
         step = int(trainer.global_step)
         every = max(int(getattr(trainer, "log_every_n_steps", 1)), 1)
-        # A batch can advance global_step by more than one (one step per optimizer), so compare
-        # intervals rather than test step % every == 0, which such a batch could jump over.
-        if self._last_step is not None and step // every <= self._last_step // every:
-            return
-        self._last_step = step
+        self._next_step = (step // every + 1) * every
         self._log(trainer, interval="step")
 
     def _log(self, trainer: Any, interval: str) -> None:

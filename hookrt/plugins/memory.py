@@ -56,7 +56,8 @@ class MemoryProbe(Plugin):
             )
         self.every_n_steps = every_n_steps
         self._peaks: dict[str, float] = {}
-        self._last_step = 0
+        #: The first global step of the next interval of ``every_n_steps``, where the next sample is taken.
+        self._next_step = every_n_steps
 
     @property
     def summary(self) -> dict[str, float]:
@@ -82,16 +83,21 @@ class MemoryProbe(Plugin):
     @on("on_fit_start")
     def _reset(self, payload: Payload) -> None:
         self._peaks = {}
-        self._last_step = int(getattr(payload.trainer, "global_step", 0))
+        self._next_step = self._interval_after(int(getattr(payload.trainer, "global_step", 0)))
 
     @on("on_batch_end")
     def _sample_on_step(self, payload: BatchEndPayload) -> None:
-        step = int(payload.trainer.global_step)
-        # A batch can advance global_step by more than one, so compare intervals, not step % n == 0.
-        if step // self.every_n_steps <= self._last_step // self.every_n_steps:
+        # A batch can advance global_step by more than one, so the test is whether a new interval was
+        # reached, not step % n == 0.
+        if payload.trainer.global_step < self._next_step:
             return
-        self._last_step = step
+        step = int(payload.trainer.global_step)
+        self._next_step = self._interval_after(step)
         log_through_trainer(payload.trainer, self.sample(payload.module), step)
+
+    def _interval_after(self, step: int) -> int:
+        """Return the first step of the interval of ``every_n_steps`` that follows the one containing ``step``."""
+        return (step // self.every_n_steps + 1) * self.every_n_steps
 
     @on("on_fit_end")
     def _report(self, payload: Payload) -> None:

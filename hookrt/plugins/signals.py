@@ -143,6 +143,9 @@ class SignalHandler(Plugin):
         self.checkpoint_path: str | None = None
         self._pending: int | None = None
         self._previous: dict[signal.Signals, _PreviousHandler] = {}
+        #: Whether fit runs in one process, so a batch without a recorded signal needs no agreement step.
+        #: False until on_train_start has checked.
+        self._single_process = False
 
     # ------------------------------------------------------------------ install and restore
 
@@ -151,6 +154,10 @@ class SignalHandler(Plugin):
         """Replace the handlers of `signals` for the duration of ``fit``."""
         if payload.stage != "fit" or self._previous:
             return
+        from hookrt.plugins.checkpoint import check_folder
+
+        folder = self.dirpath or payload.trainer.default_root_dir
+        check_folder(folder, f"SignalHandler dirpath {folder!r}")
         self.received = None
         self.checkpoint_path = None
         self._pending = None
@@ -193,9 +200,17 @@ class SignalHandler(Plugin):
 
     # ------------------------------------------------------------------ safe points
 
+    @on(Event.TRAIN_START)
+    def _check_process_group(self, payload: Payload) -> None:
+        from hookrt import _distributed
+
+        self._single_process = not _distributed.is_initialized() or _distributed.world_size() < 2
+
     @on(Event.BATCH_END, order=_LATE)
     def after_batch(self, payload: BatchEndPayload) -> None:
         """Act on a recorded signal once the batch has finished."""
+        if self._pending is None and self._single_process:
+            return  # the common case, checked here because this handler runs after every batch
         self._act(payload)
 
     @on(Event.VALIDATION_END, order=_LATE)

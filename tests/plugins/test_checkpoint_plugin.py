@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 
@@ -346,12 +347,14 @@ def test_save_last(tmp_path):
     assert last["epoch"] == 2
 
 
-def test_failed_save_ends_the_run(tmp_path):
-    blocker = tmp_path / "not_a_folder"
-    blocker.write_text("a file where the checkpoint folder should be")
-    checkpoint = ModelCheckpoint(dirpath=blocker)
+def test_failed_save_ends_the_run(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(CheckpointError, match="Could not save the checkpoint"):
+    monkeypatch.setattr(torch, "save", full_disk)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints")
+
+    with pytest.raises(CheckpointError, match=r"Could not save the checkpoint .*No space left on device"):
         fit(tmp_path, [checkpoint], ScriptedModule(), max_epochs=2)
 
 
