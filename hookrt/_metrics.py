@@ -180,6 +180,8 @@ class MetricStore:
 
     def _as_scalar(self, name: str, value: Any) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
+            if value.dim() == 0:
+                return value.detach()  # the common case: a reduced loss
             if value.numel() != 1:
                 raise MisconfigurationError(
                     f"self.log('{name}', ...) got a tensor of shape {tuple(value.shape)}; it takes a number or a "

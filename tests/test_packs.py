@@ -200,7 +200,7 @@ def test_rich_progress_from_cli(spiky_file, tmp_path, capsys):
     # capsys is not a terminal, so the bar prints one line per epoch instead of redrawing.
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Epoch ")]
     assert len(lines) == 1
-    assert lines[0].startswith("Epoch 0: 8/8 batches, loss=")
+    assert lines[0].startswith("Epoch 1: 8/8 batches, loss=")
     assert "train_loss" not in lines[0]  # logged without prog_bar=True
 
 
@@ -216,7 +216,7 @@ def test_rich_progress_on_terminal():
 
     text = stream.getvalue()
     assert bar.interactive
-    assert "Epoch 1" in text
+    assert "Epoch 2" in text
     assert "4/4" in text
     assert "Sanity checking" in text
     assert bar._progress is None  # the live display stopped at teardown

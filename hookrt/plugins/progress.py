@@ -95,7 +95,7 @@ class ProgressBar(Plugin):
             self._close_train_bar()
             self._train_bar = self._new_bar(
                 total=_finite_total(getattr(payload.trainer, "num_training_batches", None)),
-                description=f"Epoch {payload.epoch}",
+                description=f"Epoch {payload.epoch + 1}",
                 leave=self.leave,
             )
 
@@ -130,9 +130,9 @@ class ProgressBar(Plugin):
         total = _finite_total(getattr(payload.trainer, "num_training_batches", None))
         batches = f"{self._batches_done}/{total}" if total is not None else str(self._batches_done)
         max_epochs = getattr(payload.trainer, "max_epochs", None)
-        # Epochs count from 0, so the last one is max_epochs - 1.
-        last = f"/{max_epochs - 1}" if isinstance(max_epochs, int) and max_epochs > 0 else ""
-        epoch = f"Epoch {payload.epoch}{last}"
+        # Shown counting from 1 ("Epoch 1/3"), as people count; payloads and file names count from 0.
+        last = f"/{max_epochs}" if isinstance(max_epochs, int) and max_epochs > 0 else ""
+        epoch = f"Epoch {payload.epoch + 1}{last}"
         elapsed = time.monotonic() - self._epoch_started_at
         parts = [f"{epoch}: {batches} batches"]
         if metrics:

@@ -8,7 +8,7 @@ import pytest
 import hookrt
 from hookrt.plugins.progress import ProgressBar, format_metrics
 
-LINE = re.compile(r"Epoch (\d+)/1: (\d+)/4 batches, loss=([0-9.e-]+), val_loss=([0-9.e-]+), \d+\.\ds")
+LINE = re.compile(r"Epoch (\d+)/2: (\d+)/4 batches, loss=([0-9.e-]+), val_loss=([0-9.e-]+), \d+\.\ds")
 
 
 class TerminalStream(io.StringIO):
@@ -30,7 +30,7 @@ def test_non_interactive_writes_one_line_per_epoch(make_trainer, run_fit):
     assert len(lines) == 2
     matches = [LINE.fullmatch(line) for line in lines]
     assert all(matches), lines
-    assert [match.group(1) for match in matches] == ["0", "1"]
+    assert [match.group(1) for match in matches] == ["1", "2"]
     assert [match.group(2) for match in matches] == ["4", "4"]
     losses = [float(match.group(3)) for match in matches]
     assert losses == [pytest.approx(1 / 5, rel=1e-3), pytest.approx(1 / 9, rel=1e-3)]
@@ -56,7 +56,7 @@ def test_unknown_batch_count_shows_batches_run(make_trainer, run_fit):
 
     run_fit(trainer, batches=3)
 
-    assert stream.getvalue().startswith("Epoch 0/0: 3 batches, ")
+    assert stream.getvalue().startswith("Epoch 1/1: 3 batches, ")
 
 
 def test_cancelled_last_batches_count_batches_reached(make_trainer):
@@ -71,7 +71,7 @@ def test_cancelled_last_batches_count_batches_reached(make_trainer):
         bus.emit("on_batch_end", batch=None, batch_idx=batch_idx, outputs=None)
     bus.emit("on_epoch_end", epoch=0)
 
-    assert stream.getvalue().startswith("Epoch 0/0: 2/4 batches, ")
+    assert stream.getvalue().startswith("Epoch 1/1: 2/4 batches, ")
 
 
 def test_refresh_rate_zero_writes_nothing(make_trainer, run_fit):
@@ -106,8 +106,8 @@ def test_interactive_draws_tqdm_bars(make_trainer, run_fit):
 
     output = stream.getvalue()
     assert bar.interactive
-    assert "Epoch 0" in output
     assert "Epoch 1" in output
+    assert "Epoch 2" in output
     assert "Sanity checking" in output
     assert "Validation" in output
     assert "4/4" in output

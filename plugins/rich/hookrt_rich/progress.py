@@ -108,7 +108,7 @@ class RichProgressBar(hookrt.Plugin):
         if self._train_task is not None and not self.leave:
             progress.remove_task(self._train_task)
         self._train_task = progress.add_task(
-            f"Epoch {payload.epoch}", total=_finite_total(getattr(payload.trainer, "num_training_batches", None)),
+            f"Epoch {payload.epoch + 1}", total=_finite_total(getattr(payload.trainer, "num_training_batches", None)),
             metrics="",
         )
 
@@ -135,7 +135,7 @@ class RichProgressBar(hookrt.Plugin):
     def _print_epoch_line(self, console: Console, payload: Any, metrics: str) -> None:
         total = _finite_total(getattr(payload.trainer, "num_training_batches", None))
         batches = f"{self._batches_done}/{total}" if total is not None else str(self._batches_done)
-        parts = [f"Epoch {payload.epoch}: {batches} batches"]
+        parts = [f"Epoch {payload.epoch + 1}: {batches} batches"]
         if metrics:
             parts.append(metrics)
         parts.append(f"{time.monotonic() - self._epoch_started_at:.1f}s")
