@@ -88,6 +88,10 @@ def _build_parser(flags: list[TrainerFlag] | None) -> tuple[_Parser, dict[str, _
                          "Default: info.")
         sub.add_argument("--traceback", action="store_true",
                          help="On a hookrt error, show the full traceback instead of one line. Default: off.")
+        if name == "fit":
+            sub.add_argument("--ckpt-path", default=None, metavar="PATH",
+                             help="Resume from this checkpoint (for example the signal.ckpt a stopped run "
+                             "wrote). Default: start from scratch.")
         if flags is not None:
             add_trainer_flags(sub, flags)
         subparsers[name] = sub
@@ -251,7 +255,7 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
 
 def _fit(args: argparse.Namespace) -> int:
     trainer, module = _build_run(args)
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=args.ckpt_path)
     epochs = trainer.current_epoch
     line = f"fit finished: {type(module).__name__}, {epochs} epoch{'s' * (epochs != 1)}, {trainer.global_step} steps"
     metrics = _format_metrics(trainer.callback_metrics)
@@ -261,7 +265,8 @@ def _fit(args: argparse.Namespace) -> int:
     for plugin in trainer.plugins:
         if isinstance(plugin, SignalHandler) and plugin.received is not None:
             # A run stopped by a signal exits as shells report a job ended by that signal.
-            print(f"stopped by signal {plugin.received}; checkpoint: {plugin.checkpoint_path}", file=sys.stderr)
+            print(f"stopped by signal {plugin.received}; checkpoint: {plugin.checkpoint_path}; resume with "
+                  f"--ckpt-path {plugin.checkpoint_path}", file=sys.stderr)
             return 128 + int(plugin.received)
     return 0
 

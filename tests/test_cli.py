@@ -434,3 +434,8 @@ def test_fit_stopped_by_signal_exits_with_signal_status(tmp_path, quiet, capsys)
     status = cli.main(["fit", f"{tmp_path / 'signalling.py'}:Signalling", *quiet])
     assert status == 128 + signal.SIGTERM
     assert "stopped by signal 15; checkpoint: " in capsys.readouterr().err
+
+    checkpoint = tmp_path / "runs" / "signal.ckpt"
+    status = cli.main(["fit", f"{tmp_path / 'signalling.py'}:Signalling", *quiet, "--ckpt-path", str(checkpoint)])
+    assert status == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("fit finished: Signalling, 1 epoch, 2 steps")
