@@ -253,8 +253,29 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _check_spawnable(trainer: Any, module: Any, target: str) -> None:
+    """Reject a class loaded from a file path when the run would start its own processes.
+
+    Started processes import the class by module name, and a file loaded by path has no
+    name they can import.
+    """
+    if not type(module).__module__.startswith("_hookrt_cli_"):
+        return
+    for plugin in trainer.plugins:
+        needs_launch = getattr(plugin, "needs_launch", None)
+        if callable(needs_launch) and needs_launch(trainer):
+            folder, _, rest = target.rpartition("/")
+            dotted = rest.replace(".py:", ":")
+            raise UsageError(
+                f"'{target}' is a file path, but this run starts several processes, which must import the class "
+                f"by module name. Use the module form: PYTHONPATH={folder or '.'} hookrt fit {dotted} ..., or "
+                "launch with torchrun."
+            )
+
+
 def _fit(args: argparse.Namespace) -> int:
     trainer, module = _build_run(args)
+    _check_spawnable(trainer, module, args.target)
     trainer.fit(module, ckpt_path=args.ckpt_path)
     epochs = trainer.current_epoch
     line = f"fit finished: {type(module).__name__}, {epochs} epoch{'s' * (epochs != 1)}, {trainer.global_step} steps"

@@ -439,3 +439,11 @@ def test_fit_stopped_by_signal_exits_with_signal_status(tmp_path, quiet, capsys)
     status = cli.main(["fit", f"{tmp_path / 'signalling.py'}:Signalling", *quiet, "--ckpt-path", str(checkpoint)])
     assert status == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("fit finished: Signalling, 1 epoch, 2 steps")
+
+
+def test_file_target_with_spawned_processes_is_rejected(project, quiet, capsys):
+    status = cli.main(["fit", f"{project / 'model.py'}:Net", *quiet, "--devices", "2", "--accelerator", "cpu"])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "is a file path, but this run starts several processes" in error
+    assert f"PYTHONPATH={project} hookrt fit model:Net" in error
