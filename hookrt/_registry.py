@@ -150,24 +150,35 @@ def resolve_plugin(spec: str, options: Mapping[str, Any] | None = None) -> Plugi
     return plugin
 
 
-def _check_options(spec: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
-    """Raise a PluginError naming the first option that ``factory`` does not take, with the closest parameter."""
+def keyword_mismatch(fn: Callable[..., Any], keywords: dict[str, Any], noun: str) -> tuple[str, list[str]] | None:
+    """Explain why ``fn`` cannot be called with ``keywords``, or return None when it can.
+
+    Returns the reason (naming the first unknown keyword, with the closest
+    parameter, as a ``noun`` such as "option") and the parameter names.
+    """
     try:
-        signature = inspect.signature(factory)
+        signature = inspect.signature(fn)
     except (TypeError, ValueError):
-        return  # no signature to check against (a builtin or C factory); the call itself will tell
+        return None  # no signature to check against (a builtin or C factory); the call itself will tell
     try:
-        signature.bind(**options)
+        signature.bind(**keywords)
     except TypeError as exc:
         variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         parameters = [name for name, parameter in signature.parameters.items() if parameter.kind not in variadic]
-        unknown = [name for name in options if name not in signature.parameters]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], parameters, n=1, cutoff=0.5)
-            reason = f"unknown option '{unknown[0]}'." + (f" Did you mean '{close[0]}'?" if close else "")
-        else:
-            reason = f"{exc}."
+        unknown = [name for name in keywords if name not in signature.parameters]
+        if not unknown:
+            return f"{exc}.", parameters
+        close = difflib.get_close_matches(unknown[0], parameters, n=1, cutoff=0.5)
+        return f"unknown {noun} '{unknown[0]}'." + (f" Did you mean '{close[0]}'?" if close else ""), parameters
+    return None
+
+
+def _check_options(spec: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Raise a PluginError naming the first option that ``factory`` does not take, with the closest parameter."""
+    mismatch = keyword_mismatch(factory, options, "option")
+    if mismatch is not None:
+        reason, parameters = mismatch
         raise PluginError(
             f"Invalid options for plugin '{spec}': {reason} Its parameters are: {', '.join(parameters) or 'none'}.",
             plugin=spec,
-        ) from None
+        )

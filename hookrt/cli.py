@@ -37,6 +37,7 @@ from hookrt._cli_options import (
     trainer_flags,
 )
 from hookrt._errors import HookrtError
+from hookrt._registry import keyword_mismatch
 
 __all__ = ["main"]
 
@@ -189,23 +190,11 @@ def load_module_class(target: str) -> type:
 
 def _check_init_options(cls: type, init_options: dict[str, Any]) -> None:
     """Raise a usage error when the class's constructor cannot take ``init_options``, before anything is built."""
-    try:
-        signature = inspect.signature(cls)
-    except (TypeError, ValueError):
-        return  # no signature to check against; the call itself will tell
-    try:
-        signature.bind(**init_options)
-    except TypeError as exc:
-        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        parameters = [name for name, parameter in signature.parameters.items() if parameter.kind not in variadic]
-        unknown = [key for key in init_options if key not in signature.parameters]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], parameters, n=1, cutoff=0.5)
-            reason = f"unknown argument '{unknown[0]}'." + (f" Did you mean '{close[0]}'?" if close else "")
-        else:
-            reason = f"{exc}."
+    mismatch = keyword_mismatch(cls, init_options, "argument")
+    if mismatch is not None:
+        reason, parameters = mismatch
         raise UsageError(f"{cls.__name__}() cannot be built from --init: {reason} "
-                          f"Its parameters: {', '.join(parameters) or 'none'}.") from None
+                         f"Its parameters: {', '.join(parameters) or 'none'}.")
 
 
 def _resolve_plugins(specs: list[str]) -> list[hookrt.Plugin]:
