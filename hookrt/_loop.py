@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Progress:
-    """Where training stands; saved in checkpoints so that resume continues at the same place."""
+    """The position of training, saved in checkpoints so that resume continues at the same place."""
 
     current_epoch: int = 0
     global_step: int = 0
@@ -61,7 +61,7 @@ class Progress:
 
 
 class EpochOutcome(enum.Enum):
-    """How an epoch's batch loop ended."""
+    """The way an epoch's batch loop ended."""
 
     #: Every batch ran (or the loader ran out).
     COMPLETE = "complete"
@@ -441,7 +441,9 @@ class EvalLoop:
             method = getattr(module, name, None)
             if not callable(method):
                 continue
-            result = method(outputs if len(outputs) > 1 else outputs[0] if outputs else [])
+            # One loader passes its list of outputs; several pass a list per loader, as Lightning 0.5 did.
+            argument = outputs if len(outputs) > 1 else (outputs[0] if outputs else [])
+            result = method(argument)
             if result is None:
                 continue
             if not isinstance(result, dict):
