@@ -1,4 +1,4 @@
-"""What a checkpoint holds, and how a trainer writes and restores it.
+"""The content of a checkpoint, and how a trainer writes and restores it.
 
 The file layer (atomic writes, safe loading, RNG capture) is in
 `hookrt._checkpoint_io`; this module decides the content.
@@ -153,7 +153,7 @@ def _restore_training_state(trainer: Trainer, checkpoint: dict[str, Any], path: 
     optimizer_states = checkpoint.get("optimizer_states", [])
     if len(optimizer_states) != len(trainer.optimizers):
         raise CheckpointError(
-            f"Checkpoint {path} holds {len(optimizer_states)} optimizer state(s), but configure_optimizers() "
+            f"Checkpoint {path} contains {len(optimizer_states)} optimizer state(s), but configure_optimizers() "
             f"returned {len(trainer.optimizers)}. Resume with the same optimizer set-up it was saved with."
         )
     saved_classes = checkpoint.get("optimizer_classes", [])
@@ -184,7 +184,7 @@ def _restore_training_state(trainer: Trainer, checkpoint: dict[str, Any], path: 
             plugin.load_state_dict(states[plugin.state_key])
     unused = sorted(set(states) - {plugin.state_key for plugin in trainer.bus.plugins})
     if unused:
-        logger.info("Checkpoint %s holds state for plugins that are not registered now: %s", path,
+        logger.info("Checkpoint %s contains state for plugins that are not registered now: %s", path,
                     ", ".join(unused))
     trainer._pending_gradients = checkpoint.get("partial_gradients")
     _restore_rank_state(trainer, checkpoint, path)
@@ -223,7 +223,7 @@ def _check_optimizer_fits(optimizer: Any, state: dict[str, Any], saved_class: st
     if (saved_class is not None and saved_class != current_class) or (saved_keys and saved_keys != current_keys):
         saved = saved_class or f"an optimizer with options {sorted(saved_keys)}"
         raise CheckpointError(
-            f"Checkpoint {path} holds the state of {saved} for optimizer {index}, but configure_optimizers() now "
+            f"Checkpoint {path} contains the state of {saved} for optimizer {index}, but configure_optimizers() now "
             f"returns {current_class}. Resume with the optimizer the checkpoint was written with, or load only the "
             "weights: Model.load_from_checkpoint(path), then fit without ckpt_path."
         )

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from hookrt._errors import HookrtWarning, MisconfigurationError
 
@@ -142,7 +142,3 @@ def _slice_time(batch: Any, start: int, stop: int) -> Any:
         return type(batch)(_slice_time(value, start, stop) for value in batch)
     return batch
 
-
-def is_dataloader(loader: Any) -> bool:
-    """Whether ``loader`` is a torch DataLoader."""
-    return isinstance(loader, DataLoader)

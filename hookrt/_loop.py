@@ -21,7 +21,7 @@ import torch
 from hookrt._data import limited_length, set_loader_epoch
 from hookrt._errors import CancelBatch, CancelEpoch, MisconfigurationError
 from hookrt._events import Event, WrapPoint
-from hookrt._step import BatchStep
+from hookrt._step import BatchStep, call_payload
 
 if TYPE_CHECKING:
     from hookrt._trainer import Trainer
@@ -101,7 +101,7 @@ class FitLoop:
         trainer.bus.emit(Event.TRAIN_END)
 
     def done(self) -> bool:
-        """Whether a stop condition holds at an epoch boundary."""
+        """Return whether a stop condition is met at an epoch boundary."""
         trainer = self.trainer
         config = trainer.config
         progress = trainer._progress
@@ -171,7 +171,7 @@ class FitLoop:
         """Run the epoch's batches and return how the epoch ended."""
         trainer = self.trainer
         progress = trainer._progress
-        val_points = trainer._val_points(self.length)
+        val_points = trainer.config.val_points(self.length)
         iterator = self.open_iterator(epoch, resuming)
         if resuming and progress.val_done_at != progress.batches_done and self.validation_due_mid_epoch(
             progress.batches_done, val_points, is_last=progress.batches_done >= self.length
@@ -323,7 +323,7 @@ class FitLoop:
         config = trainer.config
         if stopped_early:
             return config.max_steps != -1 and progress.global_step >= config.max_steps
-        points = trainer._val_points(self.length)
+        points = trainer.config.val_points(self.length)
         if points is None:
             return not isinstance(config.val_check_interval, int) or progress.batches_done % \
                 config.val_check_interval == 0
@@ -420,8 +420,7 @@ class EvalLoop:
                     batch = payload.batch  # type: ignore[attr-defined]  # handlers may move or replace it
             args = (batch, batch_idx, index) if pass_index else (batch, batch_idx)
             if bus.has_wrappers(WrapPoint.FORWARD):
-                output = bus.wrap(WrapPoint.FORWARD, lambda p: p.call(*p.args), stage=self.stage, call=step,
-                                  args=args)
+                output = bus.wrap(WrapPoint.FORWARD, call_payload, stage=self.stage, call=step, args=args)
             else:
                 output = step(*args)
             if keep:
@@ -442,7 +441,12 @@ class EvalLoop:
             if not callable(method):
                 continue
             # One loader passes its list of outputs; several pass a list per loader, as Lightning 0.5 did.
-            argument = outputs if len(outputs) > 1 else (outputs[0] if outputs else [])
+            if len(outputs) > 1:
+                argument: list[Any] = outputs
+            elif outputs:
+                argument = outputs[0]
+            else:
+                argument = []
             result = method(argument)
             if result is None:
                 continue

@@ -254,10 +254,6 @@ class MetricStore:
             self._set_epoch_value(name, accumulator.compute(), accumulator.on_step, accumulator.logger,
                                   accumulator.prog_bar)
 
-    def discard_epoch(self, stage: str) -> None:
-        """Drop a stage's accumulators without producing values (after sanity validation)."""
-        self._epoch.pop(stage, None)
-
     def take_pending(self) -> dict[str, float]:
         """Return the values waiting for loggers as floats, and clear them."""
         if not self.pending_log:

@@ -74,7 +74,8 @@ def _detach(value: Any) -> Any:
     return value
 
 
-def _call_payload(payload: Any) -> Any:
+def call_payload(payload: Any) -> Any:
+    """Run a forward payload's step: the innermost body of the ``forward`` wrapper point."""
     return payload.call(*payload.args)
 
 
@@ -281,7 +282,7 @@ class BatchStep:
             args += (hiddens,)
         if self.bus.has_wrappers(WrapPoint.FORWARD):
             return self.bus.wrap(
-                WrapPoint.FORWARD, _call_payload, stage="train", call=self.module.training_step, args=args
+                WrapPoint.FORWARD, call_payload, stage="train", call=self.module.training_step, args=args
             )
         return self.module.training_step(*args)
 
@@ -359,9 +360,9 @@ class BatchStep:
     # ------------------------------------------------------------------ steps
 
     def _before_step(self, optimizer: torch.optim.Optimizer, optimizer_idx: int, window: int) -> None:
-        held = self.contributions[optimizer_idx]
-        if held and held != window:
-            _rescale_gradients(optimizer, window / held)
+        contributed = self.contributions[optimizer_idx]
+        if contributed and contributed != window:
+            _rescale_gradients(optimizer, window / contributed)
         if _BEFORE_OPTIMIZER_STEP in self.bus._dispatch:
             self.bus.emit(_BEFORE_OPTIMIZER_STEP, optimizer=optimizer, optimizer_idx=optimizer_idx)
 

@@ -548,9 +548,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation and logging
 
-    def _val_points(self, length: float) -> set[int] | None:
-        return self.config.val_points(length)
-
     def _run_validation(self) -> None:
         # Marked first: a checkpoint written at on_validation_end must record that this position validated.
         self._progress.val_done_at = self._progress.batches_done

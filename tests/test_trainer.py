@@ -697,7 +697,7 @@ def test_resume_with_other_optimizer_class(tmp_path):
             return torch.optim.Adam(self.parameters())
 
     trainer = hookrt.Trainer(max_epochs=2, **QUIET)
-    with pytest.raises(hookrt.CheckpointError, match=r"holds the state of SGD for optimizer 0, but .* returns Adam"):
+    with pytest.raises(hookrt.CheckpointError, match=r"contains the state of SGD for optimizer 0, but .* returns Adam"):
         trainer.fit(WithAdam(), make_loader(), ckpt_path=path)
 
 

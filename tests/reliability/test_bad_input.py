@@ -687,7 +687,7 @@ CASES = {
         r"module \(1, 5\)\)\. The checkpoint was probably written for a different model"),
     "checkpoint of other optimizers": Case(
         checkpoint_other_optimizers, CheckpointError,
-        r"Checkpoint .*good\.ckpt holds 1 optimizer state\(s\), but configure_optimizers\(\) returned 2\. Resume "
+        r"Checkpoint .*good\.ckpt contains 1 optimizer state\(s\), but configure_optimizers\(\) returned 2\. Resume "
         r"with the same optimizer set-up"),
     "best checkpoint without checkpointing": Case(
         best_checkpoint_without_checkpointing, MisconfigurationError,
