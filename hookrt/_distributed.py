@@ -7,7 +7,9 @@ returns at once, gathers that return a one-element list.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import logging
 import os
 import socket
@@ -27,6 +29,7 @@ __all__ = [
     "init_from_env",
     "is_initialized",
     "launched_by_launcher",
+    "leave_process_group",
     "local_rank",
     "rank",
     "world_size",
@@ -79,6 +82,33 @@ def init_from_env(backend: str, timeout: datetime.timedelta) -> None:
         os.environ.get("WORLD_SIZE"), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"),
     )
     dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    global _leave_registered
+    if not _leave_registered:
+        atexit.register(leave_process_group)
+        _leave_registered = True
+
+
+#: Whether `init_from_env` has registered `leave_process_group` to run at interpreter exit.
+_leave_registered = False
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, if one exists, while the interpreter is still whole.
+
+    `init_from_env` registers this to run at exit. Without it the group
+    outlives ``atexit`` and is torn down during interpreter finalization:
+    torch's gloo worker threads can then still be releasing a finished
+    collective's tensors, which needs the GIL, and a thread that tries to
+    acquire the GIL while the interpreter finalizes is unwound by
+    ``pthread_exit``. Through torch's C++ frames that unwinding ends in
+    ``std::terminate``, and the process dies by SIGABRT after training
+    succeeded ("terminate called without an active exception").
+    Destroying the group here joins those threads first.
+    """
+    if is_initialized():
+        # Free wrappers caught in reference cycles (a DDP reducer references the group), so the group goes now.
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -11,10 +11,12 @@ private temporary folder, from which the caller's module and trainer receive the
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from hookrt._distributed import find_free_port
+from hookrt import _distributed as distributed
 from hookrt._errors import HookrtError, MisconfigurationError
 
 if TYPE_CHECKING:
@@ -124,7 +126,7 @@ def launch_processes(trainer: Trainer, stage: str, model: LightningModule, argum
     from torch.multiprocessing.spawn import start_processes
 
     job = _pickle_job(trainer, stage, model, arguments, num_processes)
-    port = find_free_port(_LOOPBACK)
+    port = distributed.find_free_port(_LOOPBACK)
     result_dir = tempfile.mkdtemp(prefix="hookrt-launch-")
     logger.info("Starting %d processes for %s (start method %s, master %s:%d)", num_processes, stage, start_method,
                 _LOOPBACK, port)
@@ -207,8 +209,6 @@ def _run_process(index: int, num_processes: int, port: int, job_bytes: bytes, re
         "LOCAL_WORLD_SIZE": str(num_processes),
         "GROUP_RANK": "0",
     })
-    import torch.distributed as dist
-
     if "OMP_NUM_THREADS" not in os.environ:
         # As torchrun does: without a limit every process starts one thread per core, and they compete.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_processes))
@@ -218,12 +218,30 @@ def _run_process(index: int, num_processes: int, port: int, job_bytes: bytes, re
         returned = getattr(trainer, job.stage)(job.model, **job.arguments)
         if index == 0:
             _write_result(trainer, job.model, returned, result_dir)
+        del trainer, job, returned
+        distributed.barrier()  # no process tears the group down while a peer still uses it
     except BaseException as exc:
         _write_error(exc, index, result_dir)
         raise
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.leave_process_group()
+    _exit_without_finalizing()
+
+
+def _exit_without_finalizing() -> None:
+    """End a started process that succeeded: run its ``atexit`` handlers, flush, and exit with status 0.
+
+    The interpreter's own finalization is skipped on purpose. torch's C++
+    threads that outlive the process group can still try to acquire the GIL
+    then, and a thread that does so during finalization aborts the process (see
+    `hookrt._distributed.leave_process_group`), which would turn a finished
+    run into a failed launch.
+    """
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def _rebuild_trainer(job: _Job) -> Trainer:

@@ -6,13 +6,16 @@ LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT)::
     python tests/jobs/ddp_checks.py OUTPUT_FOLDER
 
 Each process writes ``OUTPUT_FOLDER/rank{RANK}.json`` with what each check
-measured; tests/plugins/test_ddp.py asserts on those files. Every run in one
+measured, and at interpreter exit ``OUTPUT_FOLDER/rank{RANK}-exit.json``
+with whether the process group still existed once hookrt's own exit
+handler had run; tests/plugins/test_ddp.py asserts on those files. Every run in one
 process shares the process group that the first run joined, so the job pays
 for one process start and one rendezvous.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -186,9 +189,15 @@ def check_resume(output: Path) -> dict[str, Any]:
     }
 
 
+def report_exit_state(path: Path) -> None:
+    """Record whether the process group outlived hookrt's exit handler (registered later, so run earlier)."""
+    path.write_text(json.dumps({"group_alive": torch.distributed.is_initialized()}))
+
+
 def main(argv: list[str]) -> int:
     output = Path(argv[0])
     rank = int(os.environ["RANK"])
+    atexit.register(report_exit_state, output / f"rank{rank}-exit.json")
     torch.set_num_threads(1)
     results = {
         "weights": check_weights_match(),

@@ -252,8 +252,9 @@ def job(tmp_path_factory):
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), environment.get("PYTHONPATH")]))
     processes = []
     for rank in range(2):
+        # PYTHONFAULTHANDLER: a rank that dies by a signal prints every thread's Python stack into its log.
         variables = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONFAULTHANDLER": "1"}
         processes.append(subprocess.Popen(
             [sys.executable, str(JOBS / "ddp_checks.py"), str(output)], env={**environment, **variables},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -269,7 +270,12 @@ def job(tmp_path_factory):
     for rank, process in enumerate(processes):
         if process.returncode != 0:
             pytest.fail(f"rank {rank} of the DDP job exited with {process.returncode}:\n{logs[rank][-4000:]}")
-    return [json.loads((output / f"rank{rank}.json").read_text()) for rank in range(2)]
+    reports = []
+    for rank in range(2):
+        report = json.loads((output / f"rank{rank}.json").read_text())
+        report["exit"] = json.loads((output / f"rank{rank}-exit.json").read_text())
+        reports.append(report)
+    return reports
 
 
 @pytest.mark.slow
@@ -358,6 +364,14 @@ def test_ddp_interrupted_run_resumes_exactly(job):
         assert report["resume"]["visible_after_save"] is True
         assert report["resume"]["resumed_steps"] == report["resume"]["steps"]
         assert report["resume"]["max_difference"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_group_destroyed_before_interpreter_exit(job):
+    # A group left to interpreter finalization can abort a finished run with SIGABRT (see leave_process_group).
+    for report in job:
+        assert report["exit"]["group_alive"] is False
 
 
 @pytest.mark.slow
