@@ -121,6 +121,21 @@ def _keeps_default_optimizer_step(module: Any) -> bool:
         getattr(type(module), "optimizer_step", None) is LightningModule.optimizer_step
 
 
+#: torch optimizers whose ``step(closure)`` evaluates the closure exactly once, before updating, with grad
+#: enabled (read in torch 2.14's torch/optim sources; AdamW there is a subclass of Adam). For these (the exact classes, not subclasses), calling the closure and then ``step()`` is the
+#: same computation without the closure wrapper and the grad-mode context that ``step`` puts around it.
+_SINGLE_EVALUATION_OPTIMIZERS = frozenset(
+    getattr(torch.optim, name) for name in (
+        "SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Rprop", "NAdam", "RAdam", "ASGD",
+    ) if hasattr(torch.optim, name)
+)
+
+
+def _steps_after_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Return whether the flat path may call the closure itself and then ``optimizer.step()``."""
+    return type(optimizer) in _SINGLE_EVALUATION_OPTIMIZERS
+
+
 class BatchStep:
     """Runs one training batch under automatic optimization.
 
@@ -158,6 +173,10 @@ class BatchStep:
         #: Whether the module keeps LightningModule.optimizer_step, so that the flat path can make the
         #: call that it makes, ``optimizer.step(closure=closure)``, without the extra Python call.
         self.default_optimizer_step = _keeps_default_optimizer_step(self.module)
+        #: Whether the flat path calls the closure directly and then ``optimizer.step()`` (see
+        #: `_SINGLE_EVALUATION_OPTIMIZERS`); only with the default optimizer_step and one such optimizer.
+        self.direct_step = self.default_optimizer_step and len(self.optimizers) == 1 and \
+            _steps_after_closure(self.optimizers[0])
 
     # ------------------------------------------------------------------ per batch
 
@@ -240,7 +259,10 @@ class BatchStep:
 
         if closes:
             trainer._step_skipped = False
-            if self.default_optimizer_step:
+            if self.direct_step and torch.is_grad_enabled():
+                closure()
+                optimizer.step()
+            elif self.default_optimizer_step:
                 optimizer.step(closure=closure)  # type: ignore[arg-type]  # torch's stub wants a float
             else:
                 module.optimizer_step(trainer._progress.current_epoch, batch_idx, optimizer, 0, closure)

@@ -293,6 +293,51 @@ def test_lbfgs_closure_counts_match_function_evaluations():
     assert calls["batch_start"] == 3
 
 
+class StepRecorder(Regressor):
+    """Regressor whose optimizer records whether each ``step`` call received a closure."""
+
+    def __init__(self, optimizer_class: type = torch.optim.Adam):
+        super().__init__()
+        self.optimizer_class = optimizer_class
+        self.closures: list[bool] = []
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_class(self.parameters(), lr=0.05)
+        # torch passes the optimizer itself as the first of ``args``, so a closure is a second one or a keyword.
+        optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: self.closures.append(len(args) > 1 or "closure" in kwargs)
+        )
+        return optimizer
+
+
+def fit_weights(module: hookrt.LightningModule) -> torch.Tensor:
+    trainer = hookrt.Trainer(max_epochs=2, num_sanity_val_steps=0, **QUIET)
+    trainer.fit(module, make_loader(4))
+    return torch.cat([parameter.detach().flatten() for parameter in module.parameters()])
+
+
+def test_builtin_optimizer_steps_without_closure(monkeypatch):
+    direct = StepRecorder()
+    direct_weights = fit_weights(direct)
+    monkeypatch.setattr("hookrt._step._SINGLE_EVALUATION_OPTIMIZERS", frozenset())
+    wrapped = StepRecorder()
+    wrapped_weights = fit_weights(wrapped)
+
+    assert direct.closures == [False] * 8
+    assert wrapped.closures == [True] * 8
+    assert torch.equal(direct_weights, wrapped_weights)
+
+
+def test_optimizer_subclass_steps_with_closure():
+    class CustomAdam(torch.optim.Adam):
+        pass
+
+    module = StepRecorder(CustomAdam)
+    fit_weights(module)
+
+    assert module.closures == [True] * 8
+
+
 def test_weighted_epoch_metric():
     class Logging(Regressor):
         def training_step(self, batch, batch_idx):
