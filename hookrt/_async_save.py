@@ -24,9 +24,11 @@ returns before the file is complete.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -68,6 +70,7 @@ def _snapshot(value: Any, pool: BufferPool) -> tuple[Any, BufferPool]:
     """Return the copy of ``value`` and the host storages it fills, by (pinned, size in bytes)."""
     copier = _HostCopier(pool)
     result = copier.copy(value)
+    _copy_host_storages(copier.host_copies)
     if copier.used_cuda:
         torch.cuda.synchronize()
     return result, copier.filled
@@ -82,6 +85,8 @@ class _HostCopier:
         self.filled: BufferPool = {}
         self.containers: dict[int, Any] = {}
         self.used_cuda = False
+        #: Host-to-host copies (target, source), made together by `_copy_host_storages` after the walk.
+        self.host_copies: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []
 
     def copy(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -141,8 +146,11 @@ class _HostCopier:
             host = spare.pop()
         else:
             host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pinned).untyped_storage()
-        # NOTE: the pinned CUDA path has not run in this project's tests, which have no GPU.
-        host.copy_(storage, non_blocking=pinned)
+        if pinned:
+            # NOTE: the pinned CUDA path has not run in this project's tests, which have no GPU.
+            host.copy_(storage, non_blocking=True)
+        else:
+            self.host_copies.append((host, storage))
         self.used_cuda = self.used_cuda or pinned
         self.filled.setdefault((pinned, storage.nbytes()), []).append(host)
         return host
@@ -245,6 +253,42 @@ class AsyncCheckpointWriter:
                 action()
             except Exception:
                 logger.exception("An action queued after the background write of %s failed.", path)
+
+
+#: Threads that copy a large snapshot. Training waits for the copy, so more threads shorten the stall.
+_COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+#: Bytes per piece of a parallel copy, and the snapshot size below which one thread copies everything.
+_COPY_PIECE_BYTES = 16 * 2**20
+
+
+def _copy_host_storages(copies: list[tuple[torch.UntypedStorage, torch.UntypedStorage]]) -> None:
+    """Copy each source storage into its target of the same size, in pieces on several threads when large.
+
+    The bytes are copied through views of the widest element that divides
+    the size, because ``UntypedStorage.copy_`` copies byte elements. On the
+    2-core VM of benchmarks/results, 600 MB copied as 8-byte elements took
+    about 20% less time, and two threads took about 25% less again. Tensor
+    copies release the GIL, so the threads run in parallel.
+    """
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    total = 0
+    for target, source in copies:
+        size = source.nbytes()
+        total += size
+        dtype = next(kind for kind in (torch.int64, torch.int32, torch.uint8) if size % kind.itemsize == 0)
+        count = size // dtype.itemsize
+        target_view = torch.empty(0, dtype=dtype).set_(target, 0, (count,), (1,))
+        source_view = torch.empty(0, dtype=dtype).set_(source, 0, (count,), (1,))
+        step = max(1, _COPY_PIECE_BYTES // dtype.itemsize)
+        for begin in range(0, count, step):
+            pieces.append((target_view[begin:begin + step], source_view[begin:begin + step]))
+    if _COPY_THREADS == 1 or total < 2 * _COPY_PIECE_BYTES:
+        for target_piece, source_piece in pieces:
+            target_piece.copy_(source_piece)
+        return
+    with ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="hookrt snapshot copy") as executor:
+        for future in [executor.submit(target.copy_, source) for target, source in pieces]:
+            future.result()
 
 
 def writer_for(trainer: Any) -> AsyncCheckpointWriter:

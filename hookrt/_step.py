@@ -122,8 +122,9 @@ def _keeps_default_optimizer_step(module: Any) -> bool:
 
 
 #: torch optimizers whose ``step(closure)`` evaluates the closure exactly once, before updating, with grad
-#: enabled (read in torch 2.14's torch/optim sources; AdamW there is a subclass of Adam). For these (the exact classes, not subclasses), calling the closure and then ``step()`` is the
-#: same computation without the closure wrapper and the grad-mode context that ``step`` puts around it.
+#: enabled (read in torch 2.14's torch/optim sources, where AdamW is a subclass of Adam). For these exact
+#: classes, not subclasses, calling the closure and then ``step()`` is the same computation without the
+#: closure wrapper and the grad-mode context that ``step`` puts around it.
 _SINGLE_EVALUATION_OPTIMIZERS = frozenset(
     getattr(torch.optim, name) for name in (
         "SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Rprop", "NAdam", "RAdam", "ASGD",

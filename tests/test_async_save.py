@@ -121,6 +121,36 @@ def test_snapshot_keeps_shared_storage_shared():
     assert torch.equal(snapshot["view"], torch.arange(2.0, 6.0))
 
 
+@pytest.mark.parametrize("tensor", [
+    torch.arange(7, dtype=torch.uint8),  # 7 bytes: copied as bytes
+    torch.arange(3, dtype=torch.int32),  # 12 bytes: copied as 4-byte elements
+    torch.tensor([True, False, True, True, False, True]),
+    torch.arange(5, dtype=torch.float16),
+    torch.randn(4, 3, dtype=torch.float64),
+    torch.empty(0),
+], ids=["uint8-7", "int32-3", "bool-6", "float16-5", "float64-12", "empty"])
+def test_snapshot_copies_every_byte(tensor):
+    original = tensor.clone()
+    snapshot = snapshot_to_host({"value": tensor}, {})["value"]
+    tensor.zero_()
+
+    assert snapshot.dtype == original.dtype
+    assert torch.equal(snapshot, original)
+
+
+def test_snapshot_parallel_copy_matches(monkeypatch):
+    monkeypatch.setattr(_async_save, "_COPY_THREADS", 2)
+    monkeypatch.setattr(_async_save, "_COPY_PIECE_BYTES", 64)  # pieces of 8 int64 elements, so many pieces
+    state = {"weight": torch.randn(37, 5), "bytes": torch.arange(99, dtype=torch.uint8), "step": torch.tensor(3)}
+    originals = {key: value.clone() for key, value in state.items()}
+    snapshot = snapshot_to_host(state)
+    for value in state.values():
+        value.zero_()
+
+    for key, original in originals.items():
+        assert torch.equal(snapshot[key], original), key
+
+
 def test_snapshot_keeps_parameter_type():
     parameter = nn.Parameter(torch.ones(3))
     copied = snapshot_to_host({"p": parameter})["p"]
