@@ -194,6 +194,7 @@ def build_hookrt_trainer(root: str, plugins: list[hookrt.Plugin]) -> hookrt.Trai
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        enable_signal_handler=False,
         num_sanity_val_steps=0,
         accelerator="cpu",
         devices=1,

@@ -247,7 +247,8 @@ def hookrt_runner(full: bool, terminal_bar: bool = False) -> Callable[..., RunRe
                 trainer = hookrt.Trainer(plugins=plugins, **flags)
             else:
                 trainer = hookrt.Trainer(plugins=[clock_class(clock)], logger=False, enable_checkpointing=False,
-                                         enable_progress_bar=False, enable_model_summary=False, **flags)
+                                         enable_progress_bar=False, enable_model_summary=False,
+                                         enable_signal_handler=False, **flags)
             call = RegionClock()
             prepare_timing()
             call.start()
@@ -414,7 +415,7 @@ CONTENDERS = (
               "`optimizer.step(closure)` with forward and backward in the closure, then `zero_grad`",
               run_plain_closure),
     Contender("hookrt", "hookrt, minimal", "hookrt",
-              "every default off (logger, checkpointing, progress bar, summary); the SignalHandler stays",
+              "every default off (logger, checkpointing, progress bar, summary, signal handler)",
               hookrt_runner(full=False)),
     Contender("hookrt-full", "hookrt, full default stack", "hookrt", FULL_HOOKRT, hookrt_runner(full=True)),
     Contender("hookrt-full-tty", "hookrt, full stack, terminal bar", "hookrt",

@@ -45,6 +45,7 @@ FLAG_HELP: dict[str, str] = {
     "enable_checkpointing": "Save a checkpoint at the end of each epoch under --default-root-dir.",
     "enable_progress_bar": "Show the built-in progress bar.",
     "enable_model_summary": "Log a table of the module's layers and parameter counts when fit starts.",
+    "enable_signal_handler": "Turn SIGTERM and SIGINT during fit into a checkpoint and a clean stop.",
     "default_root_dir": "Folder for logs and checkpoints; none means the current working directory.",
     "accumulate_grad_batches": "Step the optimizer once every this many batches, on their averaged gradients.",
     "gradient_clip_val": "Clip gradients to this maximum (the total norm, or each element with "

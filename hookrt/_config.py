@@ -110,6 +110,7 @@ class TrainerConfig:
     logger: Any
     enable_progress_bar: bool
     enable_model_summary: bool
+    enable_signal_handler: bool
 
     @classmethod
     def from_flags(cls, **flags: Any) -> TrainerConfig:  # noqa: C901 - one check per flag, in order
@@ -222,6 +223,7 @@ class TrainerConfig:
             logger=flags["logger"] if not fast_dev_run else False,
             enable_progress_bar=_check_bool("enable_progress_bar", flags["enable_progress_bar"]),
             enable_model_summary=_check_bool("enable_model_summary", flags["enable_model_summary"]),
+            enable_signal_handler=_check_bool("enable_signal_handler", flags["enable_signal_handler"]),
             **limits,
         )
 

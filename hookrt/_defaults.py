@@ -80,7 +80,7 @@ def build_plugin_stack(trainer: Trainer, items: Sequence[Any]) -> list[Plugin]:
     The defaults are: a TensorBoard logger (``logger``), a ModelCheckpoint saving
     every epoch (``enable_checkpointing``), a progress bar
     (``enable_progress_bar``), a model summary (``enable_model_summary``), the
-    signal handler, gradient clipping when ``gradient_clip_val`` is set, and the
+    signal handler (``enable_signal_handler``), gradient clipping when ``gradient_clip_val`` is set, and the
     device, precision and strategy plugins that ``accelerator``, ``devices``,
     ``precision`` and ``strategy`` call for.
     """
@@ -114,7 +114,7 @@ def build_plugin_stack(trainer: Trainer, items: Sequence[Any]) -> list[Plugin]:
         stack.append(ProgressBar())
     if config.gradient_clip_val and not provided(GradientClipping):
         stack.append(GradientClipping(config.gradient_clip_val, config.gradient_clip_algorithm))
-    if not provided(SignalHandler):
+    if config.enable_signal_handler and not provided(SignalHandler):
         stack.append(SignalHandler())
     stack.extend(user)
     from hookrt.plugins.device import plugins_from_flags

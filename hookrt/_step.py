@@ -132,8 +132,8 @@ _SINGLE_EVALUATION_OPTIMIZERS = frozenset(
 )
 
 
-def _steps_after_closure(optimizer: torch.optim.Optimizer) -> bool:
-    """Return whether the flat path may call the closure itself and then ``optimizer.step()``."""
+def _steps_without_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Return whether the flat path may run forward and backward itself and then call ``optimizer.step()``."""
     return type(optimizer) in _SINGLE_EVALUATION_OPTIMIZERS
 
 
@@ -174,10 +174,10 @@ class BatchStep:
         #: Whether the module keeps LightningModule.optimizer_step, so that the flat path can make the
         #: call that it makes, ``optimizer.step(closure=closure)``, without the extra Python call.
         self.default_optimizer_step = _keeps_default_optimizer_step(self.module)
-        #: Whether the flat path calls the closure directly and then ``optimizer.step()`` (see
-        #: `_SINGLE_EVALUATION_OPTIMIZERS`); only with the default optimizer_step and one such optimizer.
+        #: Whether the flat path runs forward and backward without a closure, then ``optimizer.step()``
+        #: (see `_SINGLE_EVALUATION_OPTIMIZERS`); only with the default optimizer_step and one such optimizer.
         self.direct_step = self.default_optimizer_step and len(self.optimizers) == 1 and \
-            _steps_after_closure(self.optimizers[0])
+            _steps_without_closure(self.optimizers[0])
 
     # ------------------------------------------------------------------ per batch
 
@@ -219,13 +219,24 @@ class BatchStep:
         """Run a batch in the common case, with the same events as `_optimize`, in fewer calls.
 
         The per-batch cost of the runtime is mostly Python calls, so this path
-        inlines the closure's forward and backward and the step bookkeeping.
+        inlines the step bookkeeping, and with one of torch's single-evaluation
+        optimizers (`direct_step`) it runs forward and backward without a closure.
         """
-        bus = self.bus
-        module = self.module
         trainer = self.trainer
         optimizer = self.optimizers[0]
-        training_step = module.training_step
+        if self.direct_step and torch.is_grad_enabled():
+            output = self.module.training_step(batch, batch_idx)
+            loss = self._backward(output, batch_idx, 0, window)
+            self.contributions[0] += 1
+            if closes:
+                trainer._step_skipped = False
+                self._before_step(optimizer, 0, window)
+                optimizer.step()
+                self._after_step(optimizer, 0)
+            self.last_losses[0] = loss
+            trainer._last_loss = loss
+            return output
+
         calls = 0
         first_output: Any = None
         first_loss: Any = None
@@ -235,22 +246,8 @@ class BatchStep:
             calls += 1
             if calls > 1:
                 optimizer.zero_grad()
-            output = training_step(batch, batch_idx)
-            if type(output) is torch.Tensor and output.requires_grad and output.dim() == 0:
-                loss = output
-            else:
-                loss = extract_loss(output)
-            if self.detect_anomaly:
-                self._check_finite(loss, batch_idx)
-            scaled = loss / window if window > 1 else loss
-            dispatch = bus._dispatch
-            if _BEFORE_BACKWARD in dispatch:
-                scaled = bus.emit(_BEFORE_BACKWARD, loss=scaled, optimizer_idx=0).loss  # type: ignore[union-attr]
-            scaled.backward()
-            if _AFTER_BACKWARD in dispatch:
-                bus.emit(_AFTER_BACKWARD, loss=scaled, optimizer_idx=0)
-            if type(output) is not torch.Tensor and isinstance(output, Mapping) and len(output) > 1:
-                trainer._metrics.log_legacy_output(output, skip=("loss", "hiddens"))
+            output = self.module.training_step(batch, batch_idx)
+            loss = self._backward(output, batch_idx, 0, window)
             if calls == 1:
                 first_output, first_loss = output, loss
                 self.contributions[0] += 1
@@ -260,13 +257,10 @@ class BatchStep:
 
         if closes:
             trainer._step_skipped = False
-            if self.direct_step and torch.is_grad_enabled():
-                closure()
-                optimizer.step()
-            elif self.default_optimizer_step:
+            if self.default_optimizer_step:
                 optimizer.step(closure=closure)  # type: ignore[arg-type]  # torch's stub wants a float
             else:
-                module.optimizer_step(trainer._progress.current_epoch, batch_idx, optimizer, 0, closure)
+                self.module.optimizer_step(trainer._progress.current_epoch, batch_idx, optimizer, 0, closure)
             if calls == 0:
                 self._raise_closure_not_run()
             self._after_step(optimizer, 0)
@@ -365,20 +359,28 @@ class BatchStep:
     def _forward_backward(
         self, batch: Any, batch_idx: int, optimizer_idx: int, hiddens: Any, window: int
     ) -> tuple[Any, torch.Tensor]:
-        bus = self.bus
         output = self._training_step(batch, batch_idx, optimizer_idx, hiddens)
-        loss = extract_loss(output)
+        return output, self._backward(output, batch_idx, optimizer_idx, window)
+
+    def _backward(self, output: Any, batch_idx: int, optimizer_idx: int, window: int) -> torch.Tensor:
+        """Take the loss from ``training_step``'s output, run the backward pass and its events; return the loss."""
+        bus = self.bus
+        if type(output) is torch.Tensor and output.requires_grad and output.dim() == 0:
+            loss = output  # the common case, checked here without the call of extract_loss
+        else:
+            loss = extract_loss(output)
         if self.detect_anomaly:
             self._check_finite(loss, batch_idx)
         scaled = loss / window if window > 1 else loss
-        payload = bus.emit(Event.BEFORE_BACKWARD, loss=scaled, optimizer_idx=optimizer_idx)
-        if payload is not None:
-            scaled = payload.loss  # type: ignore[attr-defined]
+        dispatch = bus._dispatch
+        if _BEFORE_BACKWARD in dispatch:
+            scaled = bus.emit(_BEFORE_BACKWARD, loss=scaled, optimizer_idx=optimizer_idx).loss  # type: ignore[union-attr]
         scaled.backward()
-        bus.emit(Event.AFTER_BACKWARD, loss=scaled, optimizer_idx=optimizer_idx)
+        if _AFTER_BACKWARD in dispatch:
+            bus.emit(_AFTER_BACKWARD, loss=scaled, optimizer_idx=optimizer_idx)
         if type(output) is not torch.Tensor and isinstance(output, Mapping) and len(output) > 1:
             self.trainer._metrics.log_legacy_output(output, skip=("loss", "hiddens"))
-        return output, loss
+        return loss
 
     # ------------------------------------------------------------------ steps
 

@@ -55,6 +55,7 @@ class Trainer:
         enable_checkpointing: bool = True,
         enable_progress_bar: bool = True,
         enable_model_summary: bool = True,
+        enable_signal_handler: bool = True,
         default_root_dir: Any = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,

@@ -639,6 +639,17 @@ def test_default_stack_members_and_replacement():
     assert any(isinstance(plugin, SignalHandler) for plugin in plugins)
 
 
+def test_signal_handler_flag_leaves_it_out():
+    from hookrt.plugins import SignalHandler
+
+    plugins = hookrt.Trainer(enable_signal_handler=False).plugins
+
+    assert not any(isinstance(plugin, SignalHandler) for plugin in plugins)
+    assert [type(plugin).__name__ for plugin in plugins] == [
+        "TensorBoardLogger", "ModelSummary", "ProgressBar", "ModelCheckpoint"
+    ]
+
+
 def test_resume_continues_logger_run_folder(tmp_path):
     class Logged(Regressor):
         def training_step(self, batch, batch_idx):

@@ -212,7 +212,7 @@ def test_flags_strategy_instance_used():
 def test_flags_real_config_accepted():
     flags = dict(max_epochs=None, min_epochs=None, max_steps=-1, min_steps=None, max_time=None, logger=False,
                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                 default_root_dir=None, accumulate_grad_batches=1, gradient_clip_val=None,
+                 enable_signal_handler=True, default_root_dir=None, accumulate_grad_batches=1, gradient_clip_val=None,
                  gradient_clip_algorithm="norm", val_check_interval=1.0, check_val_every_n_epoch=1,
                  num_sanity_val_steps=2, limit_train_batches=1.0, limit_val_batches=1.0, limit_test_batches=1.0,
                  limit_predict_batches=1.0, fast_dev_run=False, truncated_bptt_steps=None, log_every_n_steps=50,
