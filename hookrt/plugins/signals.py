@@ -111,7 +111,8 @@ class SignalHandler(Plugin):
 
     Under DDP the processes agree at every safe point, through a one-value
     all-reduce, on whether any of them received a signal, so all of them
-    write the collective checkpoint and stop after the same batch.
+    write the collective checkpoint and stop after the same batch, and
+    `received` shows that signal on every rank.
 
     Args:
         signals: the signals to act on.
@@ -225,6 +226,9 @@ class SignalHandler(Plugin):
         if signum is None:
             return
         self._pending = None
+        # Under DDP a rank may stop for a peer's signal; recording it lets every rank exit with the same status.
+        if self.received is None:
+            self.received = signum
         path = os.path.join(self.dirpath or trainer.default_root_dir, self.filename)
         trainer.save_checkpoint(path)
         # Queued after the save, so it runs only once the file is written.
@@ -244,10 +248,7 @@ class SignalHandler(Plugin):
 
 
 def _agreed_signal(pending: int | None) -> int | None:
-    """Return the signal any process of a DDP run received, or ``pending`` without one.
-
-    NOTE: no multi-process test sends a signal yet, so this agreement step has only run single-process.
-    """
+    """Return the signal any process of a DDP run received, or ``pending`` without one."""
     from hookrt import _distributed
 
     if not _distributed.is_initialized() or _distributed.world_size() < 2:

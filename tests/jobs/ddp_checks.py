@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from hookrt import _distributed as distributed
 from hookrt.plugins.checkpoint import ModelCheckpoint
 from hookrt.plugins.csv_logger import CSVLogger
 from hookrt.plugins.ddp import DistributedBatchSampler, DistributedDataParallel
+from hookrt.plugins.signals import SignalHandler
 
 #: Seconds a collective may wait before the run fails instead of hanging.
 COLLECTIVE_TIMEOUT = 60.0
@@ -189,6 +191,29 @@ def check_resume(output: Path) -> dict[str, Any]:
     }
 
 
+class SignalOnRankOne(hookrt.Plugin):
+    """Sends SIGTERM to rank 1's own process at the start of batch 2 of epoch 0; rank 0 receives nothing."""
+
+    @hookrt.on("on_batch_start")
+    def send(self, payload):
+        if distributed.rank() == 1 and payload.trainer.current_epoch == 0 and payload.batch_idx == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def check_signal_agreement(output: Path) -> dict[str, Any]:
+    """A signal received by one rank stops every rank after the same batch, with one checkpoint."""
+    handler = SignalHandler(dirpath=output / "signal")
+    trainer = hookrt.Trainer(max_epochs=2, plugins=[ddp(), handler, SignalOnRankOne()], **QUIET)
+    trainer.fit(Regressor(), indexed_loader(40, 4, shuffle=True))
+    return {
+        "received": handler.received,
+        "steps": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "checkpoint": handler.checkpoint_path,
+        "checkpoint_exists": handler.checkpoint_path is not None and Path(handler.checkpoint_path).exists(),
+    }
+
+
 def report_exit_state(path: Path) -> None:
     """Record whether the process group outlived hookrt's exit handler (registered later, so run earlier)."""
     path.write_text(json.dumps({"group_alive": torch.distributed.is_initialized()}))
@@ -205,6 +230,7 @@ def main(argv: list[str]) -> int:
         "sync": check_sync_and_gather(),
         "files": check_rank_zero_files(output),
         "resume": check_resume(output),
+        "signal": check_signal_agreement(output),
     }
     (output / f"rank{rank}.json").write_text(json.dumps(results))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -364,6 +365,19 @@ def test_ddp_interrupted_run_resumes_exactly(job):
         assert report["resume"]["visible_after_save"] is True
         assert report["resume"]["resumed_steps"] == report["resume"]["steps"]
         assert report["resume"]["max_difference"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_signal_on_one_rank_stops_both(job):
+    rank_zero, rank_one = (report["signal"] for report in job)
+
+    assert rank_one["received"] == signal.SIGTERM
+    assert rank_zero["received"] == signal.SIGTERM
+    assert rank_zero["steps"] == rank_one["steps"] == 3
+    assert rank_zero["epoch"] == rank_one["epoch"] == 0
+    assert rank_zero["checkpoint"] == rank_one["checkpoint"]
+    assert rank_zero["checkpoint_exists"] and rank_one["checkpoint_exists"]
 
 
 @pytest.mark.slow
