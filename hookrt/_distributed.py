@@ -23,12 +23,14 @@ __all__ = [
     "LAUNCHER_VARIABLES",
     "all_gather_object",
     "all_gather_tensors",
+    "any_rank",
     "barrier",
     "default_backend",
     "find_free_port",
     "init_from_env",
     "is_initialized",
     "launched_by_launcher",
+    "leave_at_exit",
     "leave_process_group",
     "local_rank",
     "rank",
@@ -82,20 +84,26 @@ def init_from_env(backend: str, timeout: datetime.timedelta) -> None:
         os.environ.get("WORLD_SIZE"), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"),
     )
     dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    leave_at_exit()
+
+
+#: Whether `leave_at_exit` has registered `leave_process_group` to run at interpreter exit.
+_leave_registered = False
+
+
+def leave_at_exit() -> None:
+    """Register `leave_process_group` to run at interpreter exit, once per process."""
     global _leave_registered
     if not _leave_registered:
         atexit.register(leave_process_group)
         _leave_registered = True
 
 
-#: Whether `init_from_env` has registered `leave_process_group` to run at interpreter exit.
-_leave_registered = False
-
-
 def leave_process_group() -> None:
     """Destroy the default process group, if one exists, while the interpreter is still whole.
 
-    `init_from_env` registers this to run at exit. Without it the group
+    `leave_at_exit` registers this to run at exit, for a group that hookrt
+    joined or created and for one that DDP training used. Without it the group
     outlives ``atexit`` and is torn down during interpreter finalization:
     torch's gloo worker threads can then still be releasing a finished
     collective's tensors, which needs the GIL, and a thread that tries to
@@ -115,6 +123,20 @@ def barrier() -> None:
     """Wait until every process reaches this call; returns at once without a process group."""
     if is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def any_rank(flags: list[bool]) -> list[bool]:
+    """Return, for each flag, whether it is set on any rank; the flags unchanged without a process group.
+
+    A collective call: every rank must make it, with as many flags.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return flags
+    tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in tensor.tolist()]
 
 
 def all_gather_object(value: Any) -> list[Any]:

@@ -157,21 +157,27 @@ def _wait(context: Any, result_dir: str, timeout: float | None) -> None:
                     f"The started processes did not finish within timeout={timeout} s and were terminated."
                 )
     except (ProcessRaisedException, ProcessExitedException) as exc:
-        error = _first_error(result_dir)
+        error = _first_recorded_error(result_dir)
         if error is not None:
             raise error from exc
         raise LaunchError(f"A started process failed: {exc}") from exc
 
 
-def _first_error(result_dir: str) -> BaseException | None:
-    for name in sorted(os.listdir(result_dir)):
-        if name.startswith("error-rank"):
-            with open(os.path.join(result_dir, name), "rb") as file:
-                error = pickle.load(file)  # noqa: S301 - written by a process of this launch
-            if isinstance(error, BaseException):
-                return error
-            return LaunchError(str(error))
-    return None
+def _first_recorded_error(result_dir: str) -> BaseException | None:
+    """Return the exception that a process recorded first, or None when none recorded one.
+
+    The first is the cause: when one rank fails, its peers fail after it, in
+    their next collective, with connection errors that do not name the cause.
+    """
+    paths = [entry.path for entry in os.scandir(result_dir) if entry.name.startswith("error-rank")]
+    if not paths:
+        return None
+    first = min(paths, key=lambda path: (os.stat(path).st_mtime_ns, path))
+    with open(first, "rb") as file:
+        error = pickle.load(file)  # noqa: S301 - written by a process of this launch
+    if isinstance(error, BaseException):
+        return error
+    return LaunchError(str(error))
 
 
 def _apply_result(trainer: Trainer, model: LightningModule, result: dict[str, Any]) -> None:
@@ -213,7 +219,7 @@ def _run_process(index: int, num_processes: int, port: int, job_bytes: bytes, re
         # As torchrun does: without a limit every process starts one thread per core, and they compete.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_processes))
     try:
-        job: _Job = pickle.loads(job_bytes)  # noqa: S301 - pickled by the parent process of this launch
+        job = _load_job(job_bytes)
         trainer = _rebuild_trainer(job)
         returned = getattr(trainer, job.stage)(job.model, **job.arguments)
         if index == 0:
@@ -242,6 +248,24 @@ def _exit_without_finalizing() -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(0)
+
+
+def _load_job(job_bytes: bytes) -> _Job:
+    """Unpickle the job in a started process.
+
+    Raises:
+        MisconfigurationError: a class or function of the job cannot be found by name in this process.
+    """
+    try:
+        job: _Job = pickle.loads(job_bytes)  # noqa: S301 - pickled by the parent process of this launch
+    except (AttributeError, ImportError) as exc:
+        raise MisconfigurationError(
+            f"A started process could not rebuild the module, loaders or plugins: {exc}. Processes started with "
+            "torch.multiprocessing find their classes and functions by name, so define them at the top level of "
+            "an importable file, not inside `if __name__ == \"__main__\":` or inside a function. Or start the "
+            "processes with torchrun."
+        ) from exc
+    return job
 
 
 def _rebuild_trainer(job: _Job) -> Trainer:

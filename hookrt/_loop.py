@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hookrt import _distributed as distributed
 from hookrt._data import limited_length, set_loader_epoch
 from hookrt._errors import CancelBatch, CancelEpoch, MisconfigurationError
 from hookrt._events import Event, WrapPoint
@@ -84,6 +85,8 @@ class FitLoop:
         self.log_every_n_steps = trainer.config.log_every_n_steps
         self.started = time.monotonic()
         self._min_reached_logged = False
+        #: Whether several processes train, so that each stop decision is agreed between them (`agree_stop`).
+        self.several = distributed.world_size() > 1
         if trainer._progress.epoch_closed:
             trainer._progress.next_epoch()  # restored from a checkpoint written at an epoch's end
 
@@ -109,9 +112,29 @@ class FitLoop:
             return True
         if config.max_steps != -1 and progress.global_step >= config.max_steps:
             return True
-        if self.out_of_time():
+        out_of_time = self.agree_stop(self.out_of_time())
+        if out_of_time:
             return True
         return trainer.should_stop and self.can_stop()
+
+    def agree_stop(self, out_of_time: bool) -> bool:
+        """Make every process take the same stop decision; returns whether ``max_time`` ran out on any.
+
+        Under DDP a stop can be requested on one rank only: by an
+        EarlyStopping on a metric logged without ``sync_dist``, by a plugin
+        that sets ``should_stop``, or by a clock that reaches ``max_time`` a
+        batch earlier. The other ranks would then wait in the next collective
+        until the timeout, so one small all-reduce per check spreads the
+        request to every rank.
+        """
+        if not self.several:
+            return out_of_time
+        trainer = self.trainer
+        out_of_time, trainer.should_stop, forced = distributed.any_rank(
+            [out_of_time, trainer.should_stop, trainer._forced_stop]
+        )
+        trainer._forced_stop = forced
+        return out_of_time
 
     def can_stop(self) -> bool:
         """Whether ``min_epochs`` and ``min_steps`` allow a requested stop."""
@@ -181,7 +204,8 @@ class FitLoop:
         accumulate = self.accumulate
         may_validate = trainer._validation_enabled and self.epoch_validates()
         config = trainer.config
-        limited = config.max_steps != -1 or config.max_time is not None
+        # Under DDP every batch ends with the stop check, because its agreement step is a collective.
+        limited = config.max_steps != -1 or config.max_time is not None or self.several
         try:
             for batch_idx, batch, is_last in self.batches(iterator, progress.batches_done):
                 closes = is_last or (batch_idx + 1) % accumulate == 0
@@ -293,7 +317,7 @@ class FitLoop:
         progress = trainer._progress
         if config.max_steps != -1 and progress.global_step >= config.max_steps:
             return True
-        if self.out_of_time():
+        if self.agree_stop(self.out_of_time()):
             trainer.should_stop = True
         if trainer.should_stop and self.can_stop():
             window = self.window(max(progress.batches_done - 1, 0))

@@ -212,6 +212,11 @@ class ModelCheckpoint(Plugin):
         if not self._fitting or not self._epoch_due(payload.epoch):
             return
         trainer = payload.trainer
+        if getattr(trainer, "_forced_stop", False):
+            # A forced stop (a signal) wrote its own checkpoint, which the next run resumes from. A file saved
+            # after it would be unknown to the resumed ModelCheckpoint and never replaced or deleted.
+            logger.debug("ModelCheckpoint skips the epoch-end save after a forced stop")
+            return
         metrics = trainer.callback_metrics
         if self.monitor is not None:
             if self._validated_epoch == payload.epoch or self._monitor_from_validation:

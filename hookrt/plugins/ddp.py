@@ -9,6 +9,7 @@ script.py`` starts N processes with ``torch.multiprocessing`` and hands rank
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -302,13 +303,20 @@ class DistributedDataParallel(Plugin):
                     "was not started by a launcher and no process group exists. Call trainer.fit/validate/test/"
                     "predict, which start the processes, or run the script under torchrun."
                 )
+        # Also for a group the user created: torch's gloo threads can abort a process that exits with it.
+        distributed.leave_at_exit()
         if self.sync_batchnorm and payload.stage == "fit":
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
     @on(Event.TEARDOWN, order=-STRATEGY_ORDER)
     def leave(self, payload: StagePayload) -> None:
         """Drop the DDP wrapper; destroy the process group if this plugin created it for one process."""
+        wrapped = self.ddp_module is not None
         self.ddp_module = None
+        if wrapped:
+            # Reference cycles around the DDP wrapper and its reducer can keep the process group alive, so
+            # they are collected now and the group can go when its last user drops it.
+            gc.collect()
         if self._owns_group and distributed.is_initialized():
             dist.destroy_process_group()
         self._owns_group = False

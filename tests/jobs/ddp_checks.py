@@ -214,6 +214,34 @@ def check_signal_agreement(output: Path) -> dict[str, Any]:
     }
 
 
+class StopOnRankOne(hookrt.Plugin):
+    """Requests a stop on rank 1 only: after batch 2 of epoch 0, or at the end of epoch 1 when ``at_epoch_end``."""
+
+    def __init__(self, at_epoch_end: bool) -> None:
+        self.at_epoch_end = at_epoch_end
+
+    @hookrt.on("on_batch_end")
+    def after_batch(self, payload):
+        if not self.at_epoch_end and distributed.rank() == 1 and payload.batch_idx == 2:
+            payload.trainer.should_stop = True
+
+    @hookrt.on("on_epoch_end")
+    def after_epoch(self, payload):
+        if self.at_epoch_end and distributed.rank() == 1 and payload.epoch == 1:
+            payload.trainer.should_stop = True
+
+
+def check_stop_agreement() -> dict[str, Any]:
+    """A stop requested on one rank only ends training on every rank at the same step, mid-epoch and at its end."""
+    results = {}
+    for at_epoch_end in (False, True):
+        trainer = hookrt.Trainer(max_epochs=4, plugins=[ddp(), StopOnRankOne(at_epoch_end)], **QUIET)
+        trainer.fit(Regressor(), indexed_loader(40, 4, shuffle=True))
+        results["epoch_end" if at_epoch_end else "mid_epoch"] = {"steps": trainer.global_step,
+                                                                 "epoch": trainer.current_epoch}
+    return results
+
+
 def report_exit_state(path: Path) -> None:
     """Record whether the process group outlived hookrt's exit handler (registered later, so run earlier)."""
     path.write_text(json.dumps({"group_alive": torch.distributed.is_initialized()}))
@@ -231,6 +259,7 @@ def main(argv: list[str]) -> int:
         "files": check_rank_zero_files(output),
         "resume": check_resume(output),
         "signal": check_signal_agreement(output),
+        "stop": check_stop_agreement(),
     }
     (output / f"rank{rank}.json").write_text(json.dumps(results))
     return 0

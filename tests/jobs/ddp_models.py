@@ -70,3 +70,12 @@ class Regressor(hookrt.LightningModule):
 def weights(module: torch.nn.Module) -> torch.Tensor:
     """Return every parameter of ``module`` flattened into one vector."""
     return torch.cat([parameter.detach().reshape(-1) for parameter in module.parameters()])
+
+
+class FailsOnRankOne(Regressor):
+    """A Regressor whose training_step raises on rank 1 at batch 1, while rank 0 waits in the gradient all-reduce."""
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_rank == 1 and batch_idx == 1:
+            raise ValueError("bad batch 1 on rank 1")
+        return super().training_step(batch, batch_idx)

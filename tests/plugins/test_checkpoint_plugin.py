@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from hookrt import CheckpointError, HookrtWarning, MisconfigurationError
 from hookrt._rank import reset_warning_cache
 from hookrt.plugins.checkpoint import ModelCheckpoint
 from hookrt.plugins.early_stopping import EarlyStopping
+from hookrt.plugins.signals import SignalHandler
 
 NAN = math.nan
 INF = math.inf
@@ -166,6 +168,28 @@ def test_no_monitor_keeps_latest_files(tmp_path):
     assert os.path.basename(checkpoint.best_model_path) == "epoch=3-step=8.ckpt"
     assert checkpoint.best_model_score is None
     assert [float(score) for score in checkpoint.best_k_models.values()] == [6.0, 8.0]
+
+
+class SignalAtEpochOne(hookrt.Plugin):
+    """Sends this process SIGTERM during the first batch of epoch 1, as a job scheduler would."""
+
+    @hookrt.on("on_batch_start")
+    def send(self, payload):
+        if payload.trainer.current_epoch == 1 and payload.batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_signal_resume_leaves_no_stale_file(tmp_path):
+    handler = SignalHandler(dirpath=tmp_path)
+    checkpoint = ModelCheckpoint()
+    fit(tmp_path, [checkpoint, handler, SignalAtEpochOne()], ScriptedModule(), max_epochs=3)
+    # The stop leaves epoch 1 open, and the signal checkpoint is where the next run resumes it.
+    assert listing(checkpoint.dirpath) == ["epoch=0-step=2.ckpt"]
+
+    resumed = ModelCheckpoint()
+    fit(tmp_path, [resumed], ScriptedModule(), max_epochs=3, ckpt_path=handler.checkpoint_path)
+
+    assert listing(resumed.dirpath) == ["epoch=2-step=6.ckpt"]
 
 
 def test_no_monitor_keep_all(tmp_path):

@@ -182,6 +182,22 @@ def test_one_process_ddp_matches_plain_fit(models):
     assert not distributed.is_initialized()
 
 
+def test_user_created_group_left_at_exit(monkeypatch, models):
+    from torch.distributed import HashStore
+
+    registered = []
+    monkeypatch.setattr(distributed, "_leave_registered", False)
+    monkeypatch.setattr(distributed.atexit, "register", registered.append)
+    dist.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
+    try:
+        trainer = hookrt.Trainer(max_epochs=1, plugins=[DistributedDataParallel()], **models.QUIET)
+        trainer.fit(models.Regressor(), models.indexed_loader(8, 4))
+    finally:
+        dist.destroy_process_group()
+
+    assert registered == [distributed.leave_process_group]
+
+
 def test_sync_batchnorm_needs_cuda(models):
     plugin = DistributedDataParallel(sync_batchnorm=True)
     trainer = hookrt.Trainer(max_epochs=1, plugins=[plugin], **models.QUIET)
@@ -382,10 +398,56 @@ def test_ddp_signal_on_one_rank_stops_both(job):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_ddp_stop_on_one_rank_stops_both(job):
+    rank_zero, rank_one = (report["stop"] for report in job)
+
+    # 40 samples in batches of 4 on 2 ranks: 5 steps an epoch.
+    assert rank_zero["mid_epoch"] == rank_one["mid_epoch"] == {"steps": 3, "epoch": 0}
+    assert rank_zero["epoch_end"] == rank_one["epoch_end"] == {"steps": 10, "epoch": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_group_destroyed_before_interpreter_exit(job):
     # A group left to interpreter finalization can abort a finished run with SIGABRT (see leave_process_group).
     for report in job:
         assert report["exit"]["group_alive"] is False
+
+
+def test_launch_names_class_missing_in_started_process():
+    from hookrt import _launch
+
+    # What a started process receives for a class defined inside the caller's `if __name__ == "__main__":`.
+    job_bytes = b"c__main__\nDefinedUnderMainGuard\n."
+
+    with pytest.raises(hookrt.MisconfigurationError, match=r"define them at the top level of an importable file"):
+        _launch._load_job(job_bytes)
+
+
+def test_launch_raises_first_recorded_error(tmp_path):
+    from hookrt import _launch
+
+    _launch._write_error(ValueError("bad batch on rank 1"), 1, str(tmp_path))
+    _launch._write_error(RuntimeError("Connection closed by peer"), 0, str(tmp_path))
+    # Rank 1 failed first; rank 0 failed a second later, when its all-reduce lost its peer.
+    os.utime(tmp_path / "error-rank00001.pkl", ns=(1_000_000_000, 1_000_000_000))
+    os.utime(tmp_path / "error-rank00000.pkl", ns=(2_000_000_000, 2_000_000_000))
+
+    error = _launch._first_recorded_error(str(tmp_path))
+
+    assert isinstance(error, ValueError)
+    assert str(error) == "bad batch on rank 1"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_spawned_fit_raises_failing_rank_error(models):
+    # Rank 0 fails too, later, with a connection error in its all-reduce; the caller gets rank 1's own error.
+    plugin = DistributedDataParallel(timeout=60, launch_timeout=JOB_TIMEOUT)
+    trainer = hookrt.Trainer(max_epochs=1, devices=2, plugins=[plugin], **models.QUIET)
+
+    with pytest.raises(ValueError, match="bad batch 1 on rank 1"):
+        trainer.fit(models.FailsOnRankOne(), models.indexed_loader(16, 4))
 
 
 @pytest.mark.slow
