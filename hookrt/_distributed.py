@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 __all__ = [
     "LAUNCHER_VARIABLES",
+    "LateAgreement",
     "all_gather_object",
     "all_gather_tensors",
     "any_rank",
@@ -137,6 +138,40 @@ def any_rank(flags: list[bool]) -> list[bool]:
         tensor = tensor.cuda()
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [bool(value) for value in tensor.tolist()]
+
+
+class LateAgreement:
+    """Agrees boolean flags between ranks one call late, so the all-reduce runs while the next step trains.
+
+    `exchange` returns what every rank sent at the previous call, combined
+    with "any", and starts the all-reduce of the flags given now. A blocking
+    all-reduce per training step would make every rank wait for the slowest
+    one once more per step. Every rank must make the same calls in the same
+    order, as for any collective.
+    """
+
+    def __init__(self) -> None:
+        self._tensor: torch.Tensor | None = None
+        self._work: Any = None
+
+    def exchange(self, flags: list[bool]) -> list[bool] | None:
+        """Return the flags agreed at the previous call (None at the first) and send ``flags``."""
+        agreed = self.settle()
+        tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        self._tensor = tensor
+        self._work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
+        return agreed
+
+    def settle(self) -> list[bool] | None:
+        """Wait for the all-reduce in flight and return its result; None when none is in flight."""
+        work, tensor = self._work, self._tensor
+        if work is None or tensor is None:
+            return None
+        self._work = self._tensor = None
+        work.wait()
+        return [bool(value) for value in tensor.tolist()]
 
 
 def all_gather_object(value: Any) -> list[Any]:

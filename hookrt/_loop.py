@@ -87,6 +87,7 @@ class FitLoop:
         self._min_reached_logged = False
         #: Whether several processes train, so that each stop decision is agreed between them (`agree_stop`).
         self.several = distributed.world_size() > 1
+        self._agreement = distributed.LateAgreement() if self.several else None
         if trainer._progress.epoch_closed:
             trainer._progress.next_epoch()  # restored from a checkpoint written at an epoch's end
 
@@ -108,33 +109,58 @@ class FitLoop:
         trainer = self.trainer
         config = trainer.config
         progress = trainer._progress
+        self.settle_agreement()
         if config.max_epochs != -1 and progress.current_epoch >= config.max_epochs:
             return True
         if config.max_steps != -1 and progress.global_step >= config.max_steps:
             return True
-        out_of_time = self.agree_stop(self.out_of_time())
-        if out_of_time:
+        if self.agree_stop(self.out_of_time()):
             return True
         return trainer.should_stop and self.can_stop()
 
     def agree_stop(self, out_of_time: bool) -> bool:
-        """Make every process take the same stop decision; returns whether ``max_time`` ran out on any.
+        """Make every process take the same stop decision now; returns whether ``max_time`` ran out on any.
 
         Under DDP a stop can be requested on one rank only: by an
         EarlyStopping on a metric logged without ``sync_dist``, by a plugin
         that sets ``should_stop``, or by a clock that reaches ``max_time`` a
         batch earlier. The other ranks would then wait in the next collective
-        until the timeout, so one small all-reduce per check spreads the
-        request to every rank.
+        until the timeout, so an all-reduce spreads the request to every rank.
+        This blocking form runs at epoch boundaries; after each batch,
+        `agree_stop_late` runs instead.
         """
         if not self.several:
             return out_of_time
         trainer = self.trainer
-        out_of_time, trainer.should_stop, forced = distributed.any_rank(
-            [out_of_time, trainer.should_stop, trainer._forced_stop]
-        )
-        trainer._forced_stop = forced
+        out_of_time, trainer.should_stop, trainer._forced_stop = distributed.any_rank(self._stop_flags(out_of_time))
         return out_of_time
+
+    def agree_stop_late(self, out_of_time: bool) -> bool:
+        """Return whether every rank stops now, from the flags agreed after the previous batch; send this batch's.
+
+        A stop requested on one rank during batch k therefore ends every rank
+        after batch k + 1 (see `LateAgreement`). When the ranks stop, this
+        sets ``should_stop`` and the forced flag to the agreed values.
+        """
+        assert self._agreement is not None
+        agreed = self._agreement.exchange(self._stop_flags(out_of_time))
+        if agreed is None:
+            return False
+        out_of_time, stop, forced = agreed
+        if not (out_of_time or stop):
+            return False
+        self.trainer.should_stop = True
+        self.trainer._forced_stop = forced
+        return True
+
+    def settle_agreement(self) -> None:
+        """Wait for the late agreement in flight, if any; every rank calls this at the same points."""
+        if self._agreement is not None:
+            self._agreement.settle()
+
+    def _stop_flags(self, out_of_time: bool) -> list[bool]:
+        trainer = self.trainer
+        return [out_of_time, trainer.should_stop, trainer._forced_stop]
 
     def can_stop(self) -> bool:
         """Whether ``min_epochs`` and ``min_steps`` allow a requested stop."""
@@ -316,10 +342,19 @@ class FitLoop:
         config = trainer.config
         progress = trainer._progress
         if config.max_steps != -1 and progress.global_step >= config.max_steps:
+            self.settle_agreement()
             return True
-        if self.agree_stop(self.out_of_time()):
-            trainer.should_stop = True
-        if trainer.should_stop and self.can_stop():
+        if self.several:
+            # Only an agreed decision counts, so that every rank stops after the same batch.
+            if not trainer._stop_agreed and not self.agree_stop_late(self.out_of_time()):
+                return False
+        else:
+            if self.out_of_time():
+                trainer.should_stop = True
+            if not trainer.should_stop:
+                return False
+        if self.can_stop():
+            self.settle_agreement()
             window = self.window(max(progress.batches_done - 1, 0))
             self.step.flush(progress.batches_done - 1, window)
             return True

@@ -87,6 +87,7 @@ class Trainer:
         #: Why the last stop was requested through `request_stop`, or None.
         self.stop_reason: str | None = None
         self._forced_stop = False
+        self._stop_agreed = False
         self.sanity_checking = False
         self.batch_idx = 0
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -317,16 +318,21 @@ class Trainer:
         target = os.fspath(path)
         self.bus.after_dispatch(lambda: write_checkpoint(self, target, asynchronous=asynchronous))
 
-    def request_stop(self, reason: str, *, force: bool = False) -> None:
+    def request_stop(self, reason: str, *, force: bool = False, agreed: bool = False) -> None:
         """Stop fit after the current batch, recording ``reason``.
 
         Setting ``should_stop`` does the same without a reason. With ``force``,
         the stop happens even when ``min_epochs`` or ``min_steps`` is not reached
-        (a signal uses it: the process is about to be killed).
+        (a signal uses it: the process is about to be killed). Under DDP the
+        ranks agree on a stop requested on some of them, and it takes effect
+        one batch later on all of them. With ``agreed``, the caller promises
+        that every rank makes this call after the same batch, so the stop
+        takes effect after the current batch.
         """
         self.should_stop = True
         self.stop_reason = reason
         self._forced_stop = self._forced_stop or force
+        self._stop_agreed = self._stop_agreed or agreed
         logger.info("Stop requested: %s", reason)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -364,6 +370,7 @@ class Trainer:
         self.should_stop = False
         self.stop_reason = None
         self._forced_stop = False
+        self._stop_agreed = False
         failed = False
         anomaly = torch.autograd.set_detect_anomaly(True) if self.config.detect_anomaly else contextlib.nullcontext()
         try:

@@ -233,7 +233,8 @@ class SignalHandler(Plugin):
         trainer.save_checkpoint(path)
         # Queued after the save, so it runs only once the file is written.
         trainer.bus.after_dispatch(lambda: self._report_checkpoint(trainer, signum, path))
-        trainer.request_stop(f"received {_signal_name(signum)}", force=True)
+        # Every rank reached this batch with the same agreed signal, so the stop needs no further agreement.
+        trainer.request_stop(f"received {_signal_name(signum)}", force=True, agreed=True)
 
     def _report_checkpoint(self, trainer: Any, signum: int, path: str) -> None:
         self.checkpoint_path = path

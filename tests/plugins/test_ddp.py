@@ -401,8 +401,9 @@ def test_ddp_signal_on_one_rank_stops_both(job):
 def test_ddp_stop_on_one_rank_stops_both(job):
     rank_zero, rank_one = (report["stop"] for report in job)
 
-    # 40 samples in batches of 4 on 2 ranks: 5 steps an epoch.
-    assert rank_zero["mid_epoch"] == rank_one["mid_epoch"] == {"steps": 3, "epoch": 0}
+    # 40 samples in batches of 4 on 2 ranks: 5 steps an epoch. A request after batch 2 is agreed one batch
+    # later, so both ranks stop after batch 3.
+    assert rank_zero["mid_epoch"] == rank_one["mid_epoch"] == {"steps": 4, "epoch": 0}
     assert rank_zero["epoch_end"] == rank_one["epoch_end"] == {"steps": 10, "epoch": 2}
 
 
