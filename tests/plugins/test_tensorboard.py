@@ -9,6 +9,7 @@ import pytest
 import torch
 from tensorboardX.proto import event_pb2
 from tensorboardX.proto.api_pb2 import Status
+from tensorboardX.proto.event_pb2 import SessionLog
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
 import hookrt
@@ -16,21 +17,28 @@ from hookrt.plugins.tensorboard import TensorBoardLogger
 
 
 def read_events(log_dir: str) -> list[event_pb2.Event]:
-    """Parse every event file in ``log_dir``, in file-name order, from the TFRecord framing.
+    """Parse every event file in ``log_dir``, in file-name order."""
+    events = []
+    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+        events.extend(read_events_of_file(path))
+    return events
+
+
+def read_events_of_file(path: str) -> list[event_pb2.Event]:
+    """Parse one event file from the TFRecord framing, in write order.
 
     Each record is a little-endian uint64 length, a 4-byte CRC of the length,
     the serialized Event and a 4-byte CRC of the data. The CRCs are not checked.
     """
     events = []
-    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
-        with open(path, "rb") as file:
-            data = file.read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            offset += 12
-            events.append(event_pb2.Event.FromString(data[offset : offset + length]))
-            offset += length + 4
+    with open(path, "rb") as file:
+        data = file.read()
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        offset += 12
+        events.append(event_pb2.Event.FromString(data[offset : offset + length]))
+        offset += length + 4
     return events
 
 
@@ -168,13 +176,16 @@ def test_new_run_takes_next_version(make_trainer, run_fit):
     assert os.path.isdir(second_logger.log_dir)
 
 
-def test_resumed_run_continues_version(make_trainer, run_fit):
+def resume_and_log(make_trainer, run_fit) -> tuple[TensorBoardLogger, TensorBoardLogger, dict]:
+    """Fit once, then resume the same version at global step 4 and log ``loss`` at step 5.
+
+    Returns the first run's logger, the resumed run's logger and the state the resumed one loaded.
+    """
     first = make_trainer(max_epochs=1)
     first_logger = TensorBoardLogger()
     first.register(first_logger)
     run_fit(first)
     saved = first_logger.state_dict()
-
     resumed = make_trainer(max_epochs=1)
     resumed_logger = TensorBoardLogger()
     resumed.register(resumed_logger)
@@ -184,6 +195,11 @@ def test_resumed_run_continues_version(make_trainer, run_fit):
     resumed.bus.emit("on_fit_start")
     resumed.bus.emit("on_log", metrics={"loss": 0.125}, step=5)
     resumed.bus.emit("teardown", stage="fit")
+    return first_logger, resumed_logger, saved
+
+
+def test_resumed_run_continues_version(make_trainer, run_fit):
+    first_logger, resumed_logger, saved = resume_and_log(make_trainer, run_fit)
 
     assert saved == {"version": 0}
     assert resumed_logger.version == 0
@@ -192,6 +208,22 @@ def test_resumed_run_continues_version(make_trainer, run_fit):
     # tensorboardX marks the purge as a file-version event at the purge step; the first event of every file has step 0.
     purge_steps = [event.step for event in read_events(resumed_logger.log_dir) if event.file_version and event.step]
     assert purge_steps == [5]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "queue"])
+def test_purge_marker_precedes_resumed_scalars(make_trainer, run_fit, monkeypatch, direct):
+    if not direct:
+        # The fallback for a tensorboardX whose writer has another layout: every event goes through its queue.
+        monkeypatch.setattr("hookrt.plugins.tensorboard._synchronous_events", lambda writer: None)
+    _, logger, _ = resume_and_log(make_trainer, run_fit)
+    newest = sorted(glob.glob(os.path.join(logger.log_dir, "events.out.tfevents.*")), key=os.path.getmtime)[-1]
+    events = read_events_of_file(newest)
+    starts = [index for index, event in enumerate(events) if event.session_log.status == SessionLog.START]
+    resumed = [index for index, event in enumerate(events) if any(v.tag == "loss" for v in event.summary.value)]
+
+    assert [events[index].step for index in starts] == [5]
+    assert [events[index].step for index in resumed] == [5]
+    assert starts[0] < resumed[0]
 
 
 def test_explicit_version_wins_over_restored(make_trainer):
