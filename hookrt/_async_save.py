@@ -257,7 +257,7 @@ class AsyncCheckpointWriter:
 
 #: Threads that copy a large snapshot. Training waits for the copy, so more threads shorten the stall.
 _COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
-#: Bytes per piece of a parallel copy, and the snapshot size below which one thread copies everything.
+#: Bytes per piece of a parallel copy. A snapshot smaller than two pieces is copied by one thread.
 _COPY_PIECE_BYTES = 16 * 2**20
 
 
