@@ -642,7 +642,7 @@ class Bus:
         try:
             payload = build(self.trainer, self.module, fields)
         except (TypeError, KeyError):
-            raise self._payload_failure(event, fields) from None
+            payload = self._payload_from_class(event, fields)
         if self._debug:
             logger.debug("emit %s to %d handler(s)", event, len(handlers))
         # Restoring the saved depth reads and writes the attribute once each way.
@@ -661,14 +661,17 @@ class Bus:
             self._run_deferred()
         return payload
 
-    def _payload_failure(self, event: str, fields: dict[str, Any]) -> HookrtError:
-        """Return the error for fields that do not fit the payload of ``event``, with the class's own message."""
+    def _payload_from_class(self, event: str, fields: dict[str, Any]) -> Payload:
+        """Build the payload of ``event`` through its class, whose TypeError names the missing or unknown field.
+
+        Raises:
+            HookrtError: the fields do not fit the payload.
+        """
         payload_type = _PAYLOAD_BY_NAME[event]
         try:
-            payload_type(self.trainer, self.module, **fields)
+            return payload_type(self.trainer, self.module, **fields)
         except TypeError as exc:
-            return _payload_error(event, payload_type, exc)
-        return HookrtError(f"Cannot build the payload of event '{event}' from the fields {sorted(fields)}.")
+            raise _payload_error(event, payload_type, exc) from None
 
     def emit_to_all(self, event: str, /, **fields: Any) -> list[Exception]:
         """Emit ``event`` so that every handler runs even when an earlier one raises.
@@ -851,11 +854,12 @@ def _find_cycle(successors: dict[int, set[int]], candidates: set[int]) -> list[i
 def _payload_builder(payload_type: type[Payload]) -> Callable[[Any, Any, dict[str, Any]], Payload]:
     """Return ``build(trainer, module, fields)``, which makes a ``payload_type`` from the dict of its fields.
 
-    ``emit`` already holds its keyword arguments as a dict, and unpacking them
+    ``emit`` already has its keyword arguments in a dict, and unpacking them
     again into the payload's ``__init__`` took about a fifth of an emit's time.
     The builder assigns the slots directly, which is all that every payload's
     ``__init__`` does. It raises TypeError or KeyError for a missing or
-    unknown field; ``emit`` then rebuilds through the class for the message.
+    unknown field, and ``emit`` then builds through the class, whose error
+    names the field.
     """
     parameters = inspect.signature(payload_type.__init__).parameters.values()
     keywords = [parameter for parameter in parameters if parameter.kind is inspect.Parameter.KEYWORD_ONLY]

@@ -220,6 +220,25 @@ def test_emit_unknown_field_raises():
     )
 
 
+def test_emit_unknown_field_beside_default_raises():
+    # after_backward has a field with a default (optimizer_idx), so the field count alone cannot tell.
+    bus = Bus()
+    bus.subscribe("after_backward", lambda payload: None)
+
+    with pytest.raises(HookrtError, match=re.escape("got an unexpected keyword argument 'scale'")):
+        bus.emit("after_backward", loss=1.0, scale=2.0)
+
+
+def test_emit_default_field_filled():
+    bus = Bus()
+    bus.subscribe("after_backward", lambda payload: None)
+
+    payload = bus.emit("after_backward", loss=1.0)
+
+    assert payload.loss == 1.0
+    assert payload.optimizer_idx == 0
+
+
 # ------------------------------------------------------------------------------ namespace and references
 
 
