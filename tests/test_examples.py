@@ -9,7 +9,6 @@ is downloaded.
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import re
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tensorboardX.proto import event_pb2
+from event_files import read_events
 
 import hookrt
 
@@ -52,29 +51,10 @@ def _restore_seed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------------- reading what a run left
 
 
-def read_event_file_records(log_dir: Path) -> list[event_pb2.Event]:
-    """Parse every TensorBoard event file in ``log_dir``.
-
-    An event file is a sequence of TFRecords: a little-endian uint64 length, a
-    4-byte CRC of it, the serialized ``Event`` and a 4-byte CRC of that. The
-    CRCs are skipped.
-    """
-    records = []
-    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
-        data = Path(path).read_bytes()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            offset += 12
-            records.append(event_pb2.Event.FromString(data[offset:offset + length]))
-            offset += length + 4
-    return records
-
-
 def summary_tags(root: Path) -> set[str]:
     """Return the tags of every summary value that the default TensorBoard logger wrote under ``root``."""
     log_dir = root / "hookrt_logs" / "version_0"
-    return {value.tag for record in read_event_file_records(log_dir) for value in record.summary.value}
+    return {value.tag for record in read_events(log_dir) for value in record.summary.value}
 
 
 def load_checkpoint_safely(path: Path | str) -> dict[str, Any]:
@@ -330,7 +310,7 @@ def test_custom_plugins_report_and_checkpoint(tmp_path, capsys):
     assert "StepTimer.time_step" in output
     tags = summary_tags(tmp_path)
     assert {"grad_norm/optimizer_0", "step_time_ms", "val_loss"} <= tags
-    steps = sorted(record.step for record in read_event_file_records(tmp_path / "hookrt_logs" / "version_0")
+    steps = sorted(record.step for record in read_events(tmp_path / "hookrt_logs" / "version_0")
                    for value in record.summary.value if value.tag == "grad_norm/optimizer_0")
     assert steps == list(range(8, 2 * 32 + 1, 8))
     (path,) = (tmp_path / "checkpoints").glob("*.ckpt")

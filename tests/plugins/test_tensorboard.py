@@ -2,44 +2,17 @@ from __future__ import annotations
 
 import glob
 import os
-import struct
 from collections import Counter
 
 import pytest
 import torch
-from tensorboardX.proto import event_pb2
+from event_files import read_events, read_events_of_file
 from tensorboardX.proto.api_pb2 import Status
 from tensorboardX.proto.event_pb2 import SessionLog
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
 import hookrt
 from hookrt.plugins.tensorboard import TensorBoardLogger
-
-
-def read_events(log_dir: str) -> list[event_pb2.Event]:
-    """Parse every event file in ``log_dir``, in file-name order."""
-    events = []
-    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
-        events.extend(read_events_of_file(path))
-    return events
-
-
-def read_events_of_file(path: str) -> list[event_pb2.Event]:
-    """Parse one event file from the TFRecord framing, in write order.
-
-    Each record is a little-endian uint64 length, a 4-byte CRC of the length,
-    the serialized Event and a 4-byte CRC of the data. The CRCs are not checked.
-    """
-    events = []
-    with open(path, "rb") as file:
-        data = file.read()
-    offset = 0
-    while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset : offset + 8])
-        offset += 12
-        events.append(event_pb2.Event.FromString(data[offset : offset + length]))
-        offset += length + 4
-    return events
 
 
 def scalars(log_dir: str) -> list[tuple[str, int, float]]:
