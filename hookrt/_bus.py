@@ -684,10 +684,7 @@ class Bus:
         if event not in dispatch:
             return []
         handlers = dispatch[event][1]
-        try:
-            payload = _PAYLOAD_BY_NAME[event](self.trainer, self.module, **fields)
-        except TypeError as exc:
-            raise _payload_error(event, _PAYLOAD_BY_NAME[event], exc) from None
+        payload = self._payload_from_class(event, fields)
         errors: list[Exception] = []
         depth = self._depth
         self._depth = depth + 1

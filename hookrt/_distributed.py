@@ -34,6 +34,7 @@ __all__ = [
     "leave_at_exit",
     "leave_process_group",
     "local_rank",
+    "max_across_ranks",
     "rank",
     "world_size",
 ]
@@ -105,14 +106,13 @@ def leave_process_group() -> None:
 
     `leave_at_exit` registers this to run at exit, for a group that hookrt
     joined or created and for one that DDP training used. Without it the group
-    outlives ``atexit`` and is torn down during interpreter finalization:
-    torch's gloo worker threads can then still be releasing a finished
-    collective's tensors, which needs the GIL, and a thread that tries to
-    acquire the GIL while the interpreter finalizes is unwound by
-    ``pthread_exit``. Through torch's C++ frames that unwinding ends in
-    ``std::terminate``, and the process dies by SIGABRT after training
-    succeeded ("terminate called without an active exception").
-    Destroying the group here joins those threads first.
+    outlives ``atexit`` and is torn down during interpreter finalization.
+    torch's gloo worker threads may then still be releasing a finished
+    collective's tensors, which needs the GIL. A thread that tries to acquire
+    the GIL while the interpreter finalizes is unwound by ``pthread_exit``,
+    which ends in ``std::terminate`` inside torch's C++ frames. The process
+    then dies by SIGABRT after training succeeded ("terminate called without
+    an active exception"). Destroying the group here joins those threads first.
     """
     if is_initialized():
         # Free wrappers caught in reference cycles (a DDP reducer references the group), so the group goes now.
@@ -126,18 +126,30 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _int_tensor(values: list[int]) -> torch.Tensor:
+    """Return ``values`` as an int64 tensor on the device that the default group's backend reduces on."""
+    tensor = torch.tensor(values, dtype=torch.int64)
+    return tensor.cuda() if dist.get_backend() == "nccl" else tensor
+
+
+def max_across_ranks(values: list[int]) -> list[int]:
+    """Return, for each value, its largest value over all ranks; the values unchanged without a process group.
+
+    A collective call: every rank must make it, with as many values.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return values
+    tensor = _int_tensor(values)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [int(value) for value in tensor.tolist()]
+
+
 def any_rank(flags: list[bool]) -> list[bool]:
     """Return, for each flag, whether it is set on any rank; the flags unchanged without a process group.
 
     A collective call: every rank must make it, with as many flags.
     """
-    if not is_initialized() or dist.get_world_size() == 1:
-        return flags
-    tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(value) for value in tensor.tolist()]
+    return [bool(value) for value in max_across_ranks([int(flag) for flag in flags])]
 
 
 class LateAgreement:
@@ -157,9 +169,7 @@ class LateAgreement:
     def exchange(self, flags: list[bool]) -> list[bool] | None:
         """Return the flags agreed at the previous call (None at the first) and send ``flags``."""
         agreed = self.settle()
-        tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
+        tensor = _int_tensor([int(flag) for flag in flags])
         self._tensor = tensor
         self._work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
         return agreed

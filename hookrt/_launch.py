@@ -224,6 +224,7 @@ def _run_process(index: int, num_processes: int, port: int, job_bytes: bytes, re
         returned = getattr(trainer, job.stage)(job.model, **job.arguments)
         if index == 0:
             _write_result(trainer, job.model, returned, result_dir)
+        # Dropped here so that leave_process_group can collect the DDP wrapper, which references the group.
         del trainer, job, returned
         distributed.barrier()  # no process tears the group down while a peer still uses it
     except BaseException as exc:

@@ -87,7 +87,7 @@ class FitLoop:
         self._min_reached_logged = False
         #: Whether several processes train, so that each stop decision is agreed between them (`agree_stop`).
         self.several = distributed.world_size() > 1
-        self._agreement = distributed.LateAgreement() if self.several else None
+        self._agreement = distributed.LateAgreement()
         if trainer._progress.epoch_closed:
             trainer._progress.next_epoch()  # restored from a checkpoint written at an epoch's end
 
@@ -142,7 +142,6 @@ class FitLoop:
         after batch k + 1 (see `LateAgreement`). When the ranks stop, this
         sets ``should_stop`` and the forced flag to the agreed values.
         """
-        assert self._agreement is not None
         agreed = self._agreement.exchange(self._stop_flags(out_of_time))
         if agreed is None:
             return False
@@ -155,8 +154,7 @@ class FitLoop:
 
     def settle_agreement(self) -> None:
         """Wait for the late agreement in flight, if any; every rank calls this at the same points."""
-        if self._agreement is not None:
-            self._agreement.settle()
+        self._agreement.settle()
 
     def _stop_flags(self, out_of_time: bool) -> list[bool]:
         trainer = self.trainer

@@ -132,11 +132,6 @@ _SINGLE_EVALUATION_OPTIMIZERS = frozenset(
 )
 
 
-def _steps_without_closure(optimizer: torch.optim.Optimizer) -> bool:
-    """Return whether the flat path may run forward and backward itself and then call ``optimizer.step()``."""
-    return type(optimizer) in _SINGLE_EVALUATION_OPTIMIZERS
-
-
 class BatchStep:
     """Runs one training batch under automatic optimization.
 
@@ -177,7 +172,7 @@ class BatchStep:
         #: Whether the flat path runs forward and backward without a closure, then ``optimizer.step()``
         #: (see `_SINGLE_EVALUATION_OPTIMIZERS`); only with the default optimizer_step and one such optimizer.
         self.direct_step = self.default_optimizer_step and len(self.optimizers) == 1 and \
-            _steps_without_closure(self.optimizers[0])
+            type(self.optimizers[0]) in _SINGLE_EVALUATION_OPTIMIZERS
 
     # ------------------------------------------------------------------ per batch
 

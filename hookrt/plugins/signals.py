@@ -254,12 +254,5 @@ def _agreed_signal(pending: int | None) -> int | None:
 
     if not _distributed.is_initialized() or _distributed.world_size() < 2:
         return pending
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([pending or 0], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    agreed = int(flag.item())
+    (agreed,) = _distributed.max_across_ranks([pending or 0])
     return agreed or None
