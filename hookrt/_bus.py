@@ -220,6 +220,11 @@ class Bus:
         self._wrappers: dict[str, tuple[Subscription, ...]] = {}
         self._plugins: list[Plugin] = []
         self._disabled: set[int] = set()
+        #: (id(plugin), handler name) of the handlers their plugins left out of the current run.
+        self._idle: set[tuple[int, str]] = set()
+        #: Number of `_compile` calls. A compile interrupted by another one (a signal handler that wakes a
+        #: handler) sees the count change and compiles again from the current state.
+        self._compiles = 0
         self._seq = 0
         self._depth = 0
         self._deferred: list[Callable[[], Any]] = []
@@ -504,14 +509,26 @@ class Bus:
         return result
 
     def _compile(self, kind: str, target: str) -> None:
-        ordered = [s for s in self.resolved(target, kind) if s.plugin is None or id(s.plugin) not in self._disabled]
         table: dict[str, Any] = self._table if kind == "on" else self._wrappers
-        if not ordered:
-            table.pop(target, None)
-        elif kind == "on":
-            table[target] = (_BUILDER_BY_NAME[target], tuple(self._dispatcher(s) for s in ordered))
-        else:
-            table[target] = tuple(ordered)
+        while True:
+            self._compiles += 1
+            mark = self._compiles
+            ordered = [s for s in self.resolved(target, kind) if self._dispatches(s)]
+            if not ordered:
+                table.pop(target, None)
+            elif kind == "on":
+                table[target] = (_BUILDER_BY_NAME[target], tuple(self._dispatcher(s) for s in ordered))
+            else:
+                table[target] = tuple(ordered)
+            if self._compiles == mark:
+                return
+
+    def _dispatches(self, subscription: Subscription) -> bool:
+        """Return whether a subscription takes part in dispatch, that is, its plugin has not disabled or idled it."""
+        plugin = subscription.plugin
+        if plugin is None:
+            return True
+        return id(plugin) not in self._disabled and (id(plugin), _method_name(subscription)) not in self._idle
 
     def _dispatcher(self, subscription: Subscription) -> Callable[[Any], Any]:
         """Return the callable that ``emit`` runs for one subscription.
@@ -607,12 +624,71 @@ class Bus:
         return id(plugin) in self._disabled
 
     def begin_run(self) -> None:
-        """Re-enable plugins that a failure disabled in an earlier run, and read the log level."""
+        """Re-enable plugins that a failure disabled in an earlier run, wake idle handlers and read the log level."""
         if self._disabled:
             self._disabled.clear()
             for kind, target in list(self._subscriptions):
                 self._compile(kind, target)
+        self.wake_all()
         self._debug = logger.isEnabledFor(logging.DEBUG)
+
+    # ------------------------------------------------------------------ idle handlers
+
+    def settle_idle(self, trainer: Any) -> None:
+        """Leave out of dispatch the handlers that their plugins' `Plugin.idle_handlers` name for this run.
+
+        The trainer calls this once per run, after ``setup``. An idle handler
+        costs nothing when its event is emitted, and when every handler of an
+        event is idle, the event is not even built.
+
+        Raises:
+            PluginError: a plugin named a method that is not one of its event handlers.
+        """
+        idle: set[tuple[int, str]] = set()
+        for plugin in self._plugins:
+            names = plugin.idle_handlers(trainer)
+            if not names:
+                continue
+            handlers = {_method_name(s) for (kind, _), listed in self._subscriptions.items() if kind == "on"
+                        for s in listed if s.plugin is plugin}
+            for name in names:
+                if name not in handlers:
+                    raise PluginError(
+                        f"Plugin '{plugin.name}' idle_handlers() returned {name!r}, which is not one of its event "
+                        f"handlers ({', '.join(sorted(handlers)) or 'it has none'}). Return the names of methods "
+                        "decorated with @hookrt.on.",
+                        plugin=plugin.name,
+                    )
+                idle.add((id(plugin), name))
+        self._set_idle(idle)
+
+    def wake(self, plugin: Plugin, handler_name: str) -> None:
+        """Put an idle handler of ``plugin`` back into dispatch. A handler that is not idle is left as it is.
+
+        Safe to call from a Python signal handler. The handler is called from
+        the next emit of its event on.
+        """
+        key = (id(plugin), handler_name)
+        if key in self._idle:
+            self._set_idle(self._idle - {key})
+
+    def wake_all(self) -> None:
+        """Put every idle handler back into dispatch."""
+        if self._idle:
+            self._set_idle(set())
+
+    def is_idle(self, plugin: Plugin, handler_name: str) -> bool:
+        """Return whether the handler ``handler_name`` of ``plugin`` is left out of dispatch in the current run."""
+        return (id(plugin), handler_name) in self._idle
+
+    def _set_idle(self, idle: set[tuple[int, str]]) -> None:
+        changed = idle ^ self._idle
+        self._idle = idle
+        if not changed:
+            return
+        for (kind, target), subscriptions in list(self._subscriptions.items()):
+            if any(s.plugin is not None and (id(s.plugin), _method_name(s)) in changed for s in subscriptions):
+                self._compile(kind, target)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -818,6 +894,11 @@ class Bus:
                         )
                     )
         return BusTable(rows)
+
+
+def _method_name(subscription: Subscription) -> str:
+    """Return the bare method name of a plugin's handler, as `Plugin.idle_handlers` gives it."""
+    return str(getattr(subscription.fn, "__name__", subscription.handler_name))
 
 
 def _callable_name(fn: Any) -> str:

@@ -137,7 +137,6 @@ class MetricStore:
         self,
         name: str,
         value: Any,
-        *,
         prog_bar: bool,
         logger: bool,
         on_step: bool | None,
@@ -147,7 +146,8 @@ class MetricStore:
         sync_dist: bool,
     ) -> None:
         """Record one value; see ``LightningModule.log`` for the options."""
-        tensor = self._as_scalar(name, value)
+        # The common case, a reduced loss, is checked inline, because this runs at every step.
+        tensor = value.detach() if type(value) is torch.Tensor and value.dim() == 0 else self._as_scalar(name, value)
         if reduce_fx not in _REDUCTIONS:
             raise MisconfigurationError(
                 f"self.log('{name}', reduce_fx={reduce_fx!r}) is not supported. Use one of: {', '.join(_REDUCTIONS)}."
@@ -159,7 +159,8 @@ class MetricStore:
             on_step = in_batch and self.stage == "train"
         if on_epoch is None:
             on_epoch = not on_step
-        name = name + self.dataloader_suffix
+        if self.dataloader_suffix:
+            name = name + self.dataloader_suffix
         if on_step and in_batch:
             key = f"{name}_step" if on_epoch else name
             self.callback_metrics[name] = tensor

@@ -197,17 +197,8 @@ class LightningModule(nn.Module):
             batch_size: the weight of this value in the epoch mean; inferred from the batch if None.
             sync_dist: reduce the value across processes under DDP.
         """
-        self.trainer._metrics.log(
-            name,
-            value,
-            prog_bar=prog_bar,
-            logger=logger,
-            on_step=on_step,
-            on_epoch=on_epoch,
-            reduce_fx=reduce_fx,
-            batch_size=batch_size,
-            sync_dist=sync_dist,
-        )
+        # Positional, because this runs at every step and keyword passing costs more.
+        self.trainer._metrics.log(name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size, sync_dist)
 
     def log_dict(self, metrics: Mapping[str, Any], **kwargs: Any) -> None:
         """Call `log` for each item of ``metrics`` with the same options."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, TypeVar
 
 __all__ = ["HandlerSpec", "Plugin", "around", "on"]
@@ -113,6 +113,23 @@ class Plugin:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the state that ``state_dict`` returned."""
+
+    def idle_handlers(self, trainer: Any) -> Collection[str]:
+        """Return the names of handler methods that have nothing to do in the coming run.
+
+        The trainer calls this once per run (fit, validate, test or predict),
+        after ``setup`` has been emitted, and leaves the named handlers out of
+        dispatch until the run ends, so they cost nothing per event. A plugin whose
+        per-batch handlers matter only in some configurations names them here,
+        as ``ModelCheckpoint`` does with its step-schedule handlers when it saves
+        only at epoch ends. A plugin that needs such a handler again later in the
+        run calls ``trainer.bus.wake(self, name)``. The filter counters of an idle
+        handler (``every``, ``once``) do not advance. The default is none.
+
+        Args:
+            trainer: the trainer of the run.
+        """
+        return ()
 
     def handler_specs(self) -> Iterator[tuple[Callable[..., Any], HandlerSpec]]:
         """Yield each decorated method, bound to this instance, with its spec.

@@ -376,6 +376,7 @@ class Trainer:
         try:
             with anomaly:
                 self.bus.emit(Event.SETUP, stage=stage)
+                self.bus.settle_idle(self)
                 yield
         except BaseException as exc:
             failed = True
@@ -412,6 +413,7 @@ class Trainer:
                 handle.remove()
             self._run_handles = []
             self._untoggle_optimizer()
+            self.bus.wake_all()
 
     # ------------------------------------------------------------------ data and optimizers
 

@@ -1513,3 +1513,114 @@ def test_payload_type_of_plain_event():
     bus.emit("on_train_start")
 
     assert type(received[0]) is Payload
+
+
+# ------------------------------------------------------------------------------ idle handlers
+
+
+class Sometimes(Plugin):
+    """A plugin that names the handlers given to it idle. Its epoch handler is not named by default."""
+
+    def __init__(self, idle: tuple[str, ...] = ("batch_end",)) -> None:
+        self.idle = idle
+        self.batches: list[int] = []
+        self.epochs: list[int] = []
+        self.asked_with: list[Any] = []
+
+    def idle_handlers(self, trainer: Any) -> tuple[str, ...]:
+        self.asked_with.append(trainer)
+        return self.idle
+
+    @on("on_batch_end")
+    def batch_end(self, payload: BatchEndPayload) -> None:
+        self.batches.append(payload.batch_idx)
+
+    @on("on_epoch_end")
+    def epoch_end(self, payload: EpochPayload) -> None:
+        self.epochs.append(payload.epoch)
+
+
+def test_idle_handler_is_left_out_until_woken():
+    bus = Bus()
+    plugin = Sometimes()
+    bus.register(plugin)
+    trainer = object()
+
+    bus.settle_idle(trainer)
+    skipped = bus.emit("on_batch_end", **batch_end_fields(0))
+    bus.emit("on_epoch_end", epoch=0)
+    idle_during_run = bus.is_idle(plugin, "batch_end")
+    subscribed_while_idle = bus.has_subscribers("on_batch_end")
+    bus.wake(plugin, "batch_end")
+    bus.emit("on_batch_end", **batch_end_fields(1))
+
+    assert plugin.asked_with == [trainer]
+    assert skipped is None  # the only handler was idle, so not even the payload was built
+    assert idle_during_run
+    assert not subscribed_while_idle
+    assert not bus.is_idle(plugin, "batch_end")
+    assert plugin.batches == [1]
+    assert plugin.epochs == [0]
+
+
+def test_begin_run_wakes_idle_handlers():
+    bus = Bus()
+    plugin = Sometimes()
+    bus.register(plugin)
+    bus.settle_idle(None)
+
+    bus.begin_run()
+    bus.emit("on_batch_end", **batch_end_fields(3))
+
+    assert plugin.batches == [3]
+
+
+def test_idle_handler_keeps_others_in_order():
+    bus = Bus()
+    calls: list[str] = []
+    bus.subscribe("on_batch_end", recorder(calls, "before"), order=-1)
+    plugin = Sometimes()
+    bus.register(plugin)
+    bus.subscribe("on_batch_end", recorder(calls, "after"), order=1)
+
+    bus.settle_idle(None)
+    bus.emit("on_batch_end", **batch_end_fields(0))
+    bus.wake_all()
+    bus.emit("on_batch_end", **batch_end_fields(1))
+
+    assert calls == ["before", "after", "before", "after"]
+    assert plugin.batches == [1]
+
+
+def test_idle_handlers_unknown_method_rejected():
+    bus = Bus()
+    bus.register(Sometimes(idle=("batch_ends",)))
+
+    with pytest.raises(PluginError, match=r"Plugin 'Sometimes' idle_handlers\(\) returned 'batch_ends', which is not "
+                                          r"one of its event handlers \(batch_end, epoch_end\)"):
+        bus.settle_idle(None)
+
+
+def test_wake_during_compile_kept(monkeypatch):
+    # A signal handler may wake a handler while the bus is compiling the same event: the compile in
+    # progress must not put back its older view of the idle handlers.
+    bus = Bus()
+    plugin = Sometimes()
+    bus.register(plugin)
+    bus.settle_idle(None)
+    dispatcher = bus._dispatcher
+    woken: list[bool] = []
+
+    def dispatcher_with_wake(subscription: Any) -> Callable[[Any], Any]:
+        # Runs after the compile has chosen its handlers, so the wake lands between choosing and storing.
+        if not woken:
+            woken.append(True)
+            bus.wake(plugin, "batch_end")
+        return dispatcher(subscription)
+
+    monkeypatch.setattr(bus, "_dispatcher", dispatcher_with_wake)
+    bus.subscribe("on_batch_end", lambda payload: None)  # compiles on_batch_end, and the wake lands inside
+    bus.emit("on_batch_end", **batch_end_fields(5))
+
+    assert woken == [True]
+    assert plugin.batches == [5]

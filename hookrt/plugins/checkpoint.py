@@ -180,6 +180,12 @@ class ModelCheckpoint(Plugin):
             argument = "dirpath" if self._dirpath_argument else "the default dirpath, under default_root_dir"
             check_folder(self.dirpath, f"ModelCheckpoint {argument} {self.dirpath!r}")
 
+    def idle_handlers(self, trainer: Any) -> tuple[str, ...]:
+        """Return the step-schedule handlers outside fit or without ``every_n_train_steps``, where they do nothing."""
+        if self._fitting and self.every_n_train_steps is not None:
+            return ()
+        return ("_note_step_at_batch_start", "_save_on_step_schedule")
+
     @on("teardown", order=CHECKPOINT_ORDER)
     def _end_run(self, payload: StagePayload) -> None:
         self._fitting = False

@@ -6,6 +6,7 @@ module is imported, so building the default plugin stack stays cheap.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import numbers
 import os
@@ -106,11 +107,9 @@ class TensorBoardLogger(Logger):
         """
         if not metrics:
             return
-        from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.proto.summary_pb2 import Summary
-
-        values = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in metrics.items()]
-        self._add_event(Event(summary=Summary(value=values), step=step))
+        event_class, summary_class = _scalar_event_classes()
+        values = [summary_class.Value(tag=tag, simple_value=float(value)) for tag, value in metrics.items()]
+        self._add_event(event_class(summary=summary_class(value=values), step=step))
 
     def _add_event(self, event: Any) -> None:
         """Write an event to the run's file: directly when tensorboardX allows it, else through its queue."""
@@ -196,6 +195,15 @@ class TensorBoardLogger(Logger):
             )
         finally:
             module.train(was_training)
+
+
+@functools.cache
+def _scalar_event_classes() -> tuple[Any, Any]:
+    """Return tensorboardX's ``Event`` and ``Summary`` message classes, imported on first use."""
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    return Event, Summary
 
 
 def _synchronous_events(writer: Any) -> Any:

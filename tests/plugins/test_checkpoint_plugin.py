@@ -309,6 +309,32 @@ def test_every_n_train_steps_only_after_a_step(tmp_path):
     assert listing(checkpoint.dirpath) == ["epoch=0-step=1.ckpt", "epoch=1-step=2.ckpt"]
 
 
+
+class IdleProbe(hookrt.Plugin):
+    """Records, at the start of training, whether the checkpoint's step-schedule handlers are idle."""
+
+    def __init__(self, checkpoint: ModelCheckpoint) -> None:
+        self.checkpoint = checkpoint
+        self.idle: list[bool] = []
+
+    @hookrt.on("on_train_start")
+    def look(self, payload) -> None:
+        bus = payload.trainer.bus
+        self.idle = [bus.is_idle(self.checkpoint, name) for name in ("_note_step_at_batch_start",
+                                                                     "_save_on_step_schedule")]
+
+
+@pytest.mark.parametrize(("steps", "idle"), [(None, [True, True]), (2, [False, False])])
+def test_step_handlers_idle_without_step_schedule(tmp_path, steps, idle):
+    checkpoint = ModelCheckpoint(every_n_train_steps=steps, save_top_k=-1)
+    probe = IdleProbe(checkpoint)
+    trainer = fit(tmp_path, [checkpoint, probe], ScriptedModule(), max_epochs=2)
+
+    assert probe.idle == idle
+    assert not trainer.bus.is_idle(checkpoint, "_save_on_step_schedule")  # awake again after fit
+    expected = ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"]
+    assert listing(checkpoint.dirpath) == expected
+
 def test_every_n_epochs(tmp_path):
     checkpoint = ModelCheckpoint(every_n_epochs=2, save_top_k=-1)
     fit(tmp_path, [checkpoint], ScriptedModule(), max_epochs=5)

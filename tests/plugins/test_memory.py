@@ -87,6 +87,29 @@ def test_cpu_module_reads_no_cuda_device(make_trainer, run_fit):
     assert not any(name.startswith("memory/cuda") for name in probe.summary)
 
 
+
+def test_cuda_availability_queried_once_per_fit(make_trainer, run_fit, monkeypatch):
+    # The query costs tens of microseconds on a machine without a GPU, so the probe makes it when fit
+    # starts and not at each sample.
+    queries: list[bool] = []
+    available = torch.cuda.is_available
+
+    def counting() -> bool:
+        queries.append(True)
+        return available()
+
+    monkeypatch.setattr(torch.cuda, "is_available", counting)
+    trainer = make_trainer(max_epochs=2, num_training_batches=4)
+    trainer.register(CSVLogger())
+    trainer.register(MemoryProbe(every_n_steps=1))
+
+    run_fit(trainer)
+
+    samples = [step for metrics, step in trainer.log_calls if "memory/host/rss_mib" in metrics]
+    assert len(samples) == 8
+    assert len(queries) == 1
+
+
 @needs_cuda
 def test_cuda_statistics_per_device(make_trainer, run_fit):
     module = torch.nn.Linear(256, 256).cuda()

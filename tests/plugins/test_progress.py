@@ -4,6 +4,8 @@ import io
 import re
 
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 import hookrt
 from hookrt.plugins.progress import ProgressBar, format_metrics
@@ -36,6 +38,49 @@ def test_non_interactive_writes_one_line_per_epoch(make_trainer, run_fit):
     assert losses == [pytest.approx(1 / 5, rel=1e-3), pytest.approx(1 / 9, rel=1e-3)]
     assert not bar.interactive
 
+
+
+class StepModule(hookrt.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_stopped_epoch_line_counts_batches_run(tmp_path):
+    # Without a terminal, the per-batch handler is idle and the count comes from the trainer's loop.
+    stream = io.StringIO()
+    bar = ProgressBar(file=stream)
+    trainer = hookrt.Trainer(max_epochs=2, max_steps=3, plugins=[bar], logger=False, enable_checkpointing=False,
+                             enable_model_summary=False, default_root_dir=tmp_path)
+    loader = DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=2)
+
+    trainer.fit(StepModule(), loader)
+
+    assert stream.getvalue().startswith("Epoch 1/2: 3/5 batches, loss=")
+    assert len(stream.getvalue().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("stream", "idle"), [(io.StringIO, True), (TerminalStream, False)])
+def test_batch_handler_idle_only_without_terminal(tmp_path, stream, idle):
+    bar = ProgressBar(file=stream())
+    seen: list[bool] = []
+
+    class Look(hookrt.Plugin):
+        @hookrt.on("on_train_start")
+        def look(self, payload) -> None:
+            seen.append(payload.trainer.bus.is_idle(bar, "_advance_train"))
+
+    trainer = hookrt.Trainer(max_epochs=1, plugins=[bar, Look()], logger=False, enable_checkpointing=False,
+                             enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(StepModule(), DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2))
+
+    assert seen == [idle]
 
 def test_line_shows_every_progress_bar_metric(make_trainer, run_fit):
     trainer = make_trainer(max_epochs=1)

@@ -298,3 +298,11 @@ def test_reopened_writer_keeps_earlier_file(make_trainer):
 
     assert scalars(logger.log_dir) == [("loss", 1, 1.0), ("loss", 2, 2.0)]
     assert len(glob.glob(os.path.join(logger.log_dir, "events.out.tfevents.*"))) == 2
+
+
+def test_event_records_checksummed_by_compiled_crc32c():
+    # The crc32c package is a dependency because tensorboardX falls back to a byte loop in Python without it.
+    import crc32c
+    from tensorboardX import crc32c as tensorboardx_crc
+
+    assert tensorboardx_crc.crc32c is crc32c.crc32c
