@@ -120,12 +120,13 @@ def checkpoint_section(part: dict[str, Any]) -> list[str]:
     return [
         f"Model: {part['parameters'] / 1e6:.1f}M parameters ({4} linear layers of width {part['layer_width']}), "
         f"Adam state included after one step; file {part['file_mib']:.0f} MiB on {part['folder_filesystem']}; "
-        f"{part['rounds']} rounds, sync and async alternating.",
+        f"{part['rounds']} rounds, sync and async alternating, after a warm-up save of each kind.",
         "",
         markdown_table(["save", "median s", "range s", "vs synchronous"], rows, [False, True, True, True]),
         "",
-        f"The first asynchronous save of a run allocates its host buffers ({stalls[0]:.3f} s here); later "
-        "saves copy into the buffers of the previous one.",
+        f"The warm-up saves are left out of the table. The first asynchronous save of a run allocates its host "
+        f"buffers, and stalled training for {part['first_async_stall_s']:.3f} s here (the first synchronous save: "
+        f"{part['first_sync_stall_s']:.3f} s); later saves copy into the buffers of the previous one.",
     ]
 
 

@@ -14,6 +14,13 @@ state to new host memory for ``asynchronous=True``. For the asynchronous save
 the time until the background write has finished is reported too. Rounds
 alternate between the two kinds, and each round waits for the previous
 background write before it starts, so the writes do not overlap.
+
+A warm-up round of each kind comes first and is reported on its own: the
+first asynchronous save allocates the host buffers that later saves reuse,
+and on a virtual machine the first writes to fresh memory also pay for the
+host backing it. The medians describe the steady state of a run that saves
+periodically, as the per-step benchmarks describe their steps after a warm-up
+run.
 """
 
 from __future__ import annotations
@@ -72,28 +79,38 @@ def measure(parameters: float, rounds: int, folder: Path) -> dict[str, Any]:
 
     trainer, count = build_trainer(parameters, folder)
     writer = writer_for(trainer)
+
+    def save(kind: str) -> tuple[float, float]:
+        """Save once and return the stall and the time until the file is complete."""
+        path = folder / f"{kind}.ckpt"
+        path.unlink(missing_ok=True)
+        start = time.perf_counter()
+        trainer.save_checkpoint(path, asynchronous=kind == "async")
+        stall = time.perf_counter() - start
+        writer.wait()
+        return stall, time.perf_counter() - start
+
+    first_sync, _ = save("sync")
+    first_async, _ = save("async")
     synchronous: list[float] = []
     stalls: list[float] = []
     writes: list[float] = []
     for round_index in range(rounds):
         for kind in (("sync", "async") if round_index % 2 == 0 else ("async", "sync")):
-            path = folder / f"{kind}.ckpt"
-            path.unlink(missing_ok=True)
-            start = time.perf_counter()
+            stall, complete = save(kind)
             if kind == "sync":
-                trainer.save_checkpoint(path)
-                synchronous.append(time.perf_counter() - start)
+                synchronous.append(stall)
             else:
-                trainer.save_checkpoint(path, asynchronous=True)
-                stalls.append(time.perf_counter() - start)
-                writer.wait()
-                writes.append(time.perf_counter() - start)
+                stalls.append(stall)
+                writes.append(complete)
     size = (folder / "sync.ckpt").stat().st_size
     return {
         "parameters": count,
         "layer_width": layer_width(parameters),
         "file_mib": size / 2**20,
         "rounds": rounds,
+        "first_sync_stall_s": first_sync,
+        "first_async_stall_s": first_async,
         "sync_stall_s": synchronous,
         "async_stall_s": stalls,
         "async_write_s": writes,
