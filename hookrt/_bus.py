@@ -649,6 +649,12 @@ class Bus:
             names = plugin.idle_handlers(trainer)
             if not names:
                 continue
+            if isinstance(names, str):
+                raise PluginError(
+                    f"Plugin '{plugin.name}' idle_handlers() returned the string {names!r}. Return a tuple of method "
+                    f"names, for example ({names!r},).",
+                    plugin=plugin.name,
+                )
             handlers = {_method_name(s) for (kind, _), listed in self._subscriptions.items() if kind == "on"
                         for s in listed if s.plugin is plugin}
             for name in names:

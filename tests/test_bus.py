@@ -1624,3 +1624,12 @@ def test_wake_during_compile_kept(monkeypatch):
 
     assert woken == [True]
     assert plugin.batches == [5]
+
+
+def test_idle_handlers_string_rejected():
+    bus = Bus()
+    bus.register(Sometimes(idle="batch_end"))  # type: ignore[arg-type]
+
+    with pytest.raises(PluginError, match=r"Plugin 'Sometimes' idle_handlers\(\) returned the string 'batch_end'\. "
+                                          r"Return a tuple of method names, for example \('batch_end',\)\."):
+        bus.settle_idle(None)
