@@ -222,8 +222,10 @@ class Bus:
         self._disabled: set[int] = set()
         #: (id(plugin), handler name) of the handlers their plugins left out of the current run.
         self._idle: set[tuple[int, str]] = set()
+        #: Handlers woken since the run began, which `settle_idle` leaves in dispatch.
+        self._woken: set[tuple[int, str]] = set()
         #: Number of `_compile` calls. A compile interrupted by another one (a signal handler that wakes a
-        #: handler) sees the count change and compiles again from the current state.
+        #: handler) finds the count changed and compiles again from the current state.
         self._compiles = 0
         self._seq = 0
         self._depth = 0
@@ -655,8 +657,7 @@ class Bus:
                     f"names, for example ({names!r},).",
                     plugin=plugin.name,
                 )
-            handlers = {_method_name(s) for (kind, _), listed in self._subscriptions.items() if kind == "on"
-                        for s in listed if s.plugin is plugin}
+            handlers = self._handler_names(plugin)
             for name in names:
                 if name not in handlers:
                     raise PluginError(
@@ -666,7 +667,7 @@ class Bus:
                         plugin=plugin.name,
                     )
                 idle.add((id(plugin), name))
-        self._set_idle(idle)
+        self._set_idle(idle - self._woken)
 
     def wake(self, plugin: Plugin, handler_name: str) -> None:
         """Put an idle handler of ``plugin`` back into dispatch. A handler that is not idle is left as it is.
@@ -675,13 +676,27 @@ class Bus:
         the next emit of its event on.
         """
         key = (id(plugin), handler_name)
+        if key not in self._idle and handler_name not in self._handler_names(plugin):
+            raise PluginError(
+                f"bus.wake() got {handler_name!r} of {plugin!r}, which is not an event handler of a plugin "
+                "registered on this bus. Pass a registered plugin and the name of one of its @hookrt.on methods.",
+                plugin=getattr(plugin, "name", type(plugin).__name__),
+            )
+        # Recorded first, so that a wake that arrives while `settle_idle` runs is not undone by it.
+        self._woken.add(key)
         if key in self._idle:
             self._set_idle(self._idle - {key})
 
     def wake_all(self) -> None:
-        """Put every idle handler back into dispatch."""
+        """Put every idle handler back into dispatch and forget the handlers woken in this run."""
+        self._woken.clear()
         if self._idle:
             self._set_idle(set())
+
+    def _handler_names(self, plugin: Any) -> set[str]:
+        """Return the method names of ``plugin``'s event handlers on this bus; empty for a plugin not registered."""
+        return {_method_name(s) for (kind, _), listed in self._subscriptions.items() if kind == "on"
+                for s in listed if s.plugin is plugin}
 
     def is_idle(self, plugin: Plugin, handler_name: str) -> bool:
         """Return whether the handler ``handler_name`` of ``plugin`` is left out of dispatch in the current run."""
@@ -690,11 +705,13 @@ class Bus:
     def _set_idle(self, idle: set[tuple[int, str]]) -> None:
         changed = idle ^ self._idle
         self._idle = idle
-        if not changed:
-            return
-        for (kind, target), subscriptions in list(self._subscriptions.items()):
-            if any(s.plugin is not None and (id(s.plugin), _method_name(s)) in changed for s in subscriptions):
-                self._compile(kind, target)
+        if changed:
+            for (kind, target), subscriptions in list(self._subscriptions.items()):
+                if any(s.plugin is not None and (id(s.plugin), _method_name(s)) in changed for s in subscriptions):
+                    self._compile(kind, target)
+        if self._idle & self._woken:
+            # A signal handler woke one of these handlers after `idle` was computed.
+            self._set_idle(self._idle - self._woken)
 
     # ------------------------------------------------------------------ dispatch
 

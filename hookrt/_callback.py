@@ -76,6 +76,8 @@ def _adapter(method: Callable[..., Any], fields: tuple[str, ...], qualname: str)
         return method(payload.trainer, payload.module, *[getattr(payload, name) for name in fields])
 
     call.__qualname__ = qualname
+    # The method's own name, so that `Plugin.idle_handlers` and `bus.wake` name it as the user wrote it.
+    call.__name__ = method.__name__
     return call
 
 

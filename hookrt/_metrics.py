@@ -7,6 +7,7 @@ device synchronisation on steps where nothing is written out.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -189,7 +190,8 @@ class MetricStore:
                     "one-element tensor. Reduce the value first, e.g. with .mean()."
                 )
             return value.detach().reshape(())
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # numbers.Real also covers numpy's scalar types, such as numpy.float32 and numpy.int64.
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return torch.tensor(float(value))
         raise MisconfigurationError(
             f"self.log('{name}', ...) got a {type(value).__name__}; it takes a number or a one-element tensor."

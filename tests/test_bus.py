@@ -1633,3 +1633,30 @@ def test_idle_handlers_string_rejected():
     with pytest.raises(PluginError, match=r"Plugin 'Sometimes' idle_handlers\(\) returned the string 'batch_end'\. "
                                           r"Return a tuple of method names, for example \('batch_end',\)\."):
         bus.settle_idle(None)
+
+
+def test_wake_before_settle_kept():
+    # A handler woken during setup, before the trainer settles the idle handlers, stays in dispatch.
+    bus = Bus()
+    plugin = Sometimes()
+    bus.register(plugin)
+    bus.begin_run()
+
+    bus.wake(plugin, "batch_end")
+    bus.settle_idle(None)
+    bus.emit("on_batch_end", **batch_end_fields(2))
+
+    assert plugin.batches == [2]
+
+
+@pytest.mark.parametrize("registered", [True, False])
+def test_wake_unknown_handler_rejected(registered):
+    bus = Bus()
+    plugin = Sometimes()
+    if registered:
+        bus.register(plugin)
+
+    with pytest.raises(PluginError, match=r"bus\.wake\(\) got 'batch_ends' of Sometimes\(state_key='Sometimes'\), "
+                                          r"which is not an event handler of a plugin registered on this bus\. Pass a "
+                                          r"registered plugin and the name of one of its @hookrt\.on methods\."):
+        bus.wake(plugin, "batch_ends")

@@ -105,3 +105,23 @@ def test_callback_only_overridden_methods_subscribe():
     bus.register(Quiet())
     rows = [(row.target, row.handler) for row in bus.describe()]
     assert rows == [("on_train_end", "Quiet.on_train_end")]
+
+
+def test_idle_handlers_name_callback_methods(tmp_path):
+    calls: list[str] = []
+
+    class Quiet(hookrt.Callback):
+        def idle_handlers(self, trainer):
+            return ("on_train_batch_end",)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            calls.append("batch")
+
+        def on_train_end(self, trainer, pl_module):
+            calls.append("end")
+
+    trainer = hookrt.Trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[Quiet()], default_root_dir=tmp_path,
+                             **QUIET)
+    trainer.fit(Model(), loader(3))
+
+    assert calls == ["end"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -367,6 +368,29 @@ def test_log_rejects_non_scalar():
     with pytest.raises(MisconfigurationError, match=r"self\.log\('weights', \.\.\.\) got a tensor of shape \(1, 3\)"):
         fit(Vector())
 
+
+
+def test_log_takes_numpy_scalars():
+    class NumpyValues(Regressor):
+        def training_step(self, batch, batch_idx):
+            self.log("half", np.float32(0.5))
+            self.log("count", np.int64(3))
+            return super().training_step(batch, batch_idx)
+
+    trainer = fit(NumpyValues())
+    assert float(trainer.callback_metrics["half"]) == 0.5
+    assert float(trainer.callback_metrics["count"]) == 3.0
+
+
+def test_log_rejects_numpy_bool():
+    class Flag(Regressor):
+        def training_step(self, batch, batch_idx):
+            self.log("flag", np.bool_(True))
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(MisconfigurationError, match=r"self\.log\('flag', \.\.\.\) got a bool; it takes a number or "
+                                                    r"a one-element tensor\."):
+        fit(Flag())
 
 def test_ambiguous_batch_warns():
     class Mixed(Regressor):

@@ -142,7 +142,9 @@ class ModelCheckpoint(Plugin):
         self.mode = mode
         self.save_top_k = save_top_k
         self.save_last = bool(save_last)
-        self.every_n_train_steps = steps
+        #: The bus of the fit in progress, so that setting `every_n_train_steps` can wake its handlers.
+        self._bus: Any = None
+        self._every_n_train_steps = steps
         #: The epoch schedule in effect: None when ``every_n_train_steps`` replaces it.
         self.every_n_epochs = epochs if steps is None else None
         self.async_save = bool(async_save)
@@ -172,9 +174,26 @@ class ModelCheckpoint(Plugin):
 
     # ------------------------------------------------------------------ event handlers
 
+    @property
+    def every_n_train_steps(self) -> int | None:
+        """The optimizer steps between saves, or None without a step schedule.
+
+        Setting it during fit, for example from another plugin's handler, takes
+        effect from the next batch on. None and 0 turn the step schedule off.
+        """
+        return self._every_n_train_steps
+
+    @every_n_train_steps.setter
+    def every_n_train_steps(self, value: int | None) -> None:
+        self._every_n_train_steps = _check_interval("every_n_train_steps", value)
+        if self._every_n_train_steps is not None and self._bus is not None:
+            for name in _STEP_HANDLERS:
+                self._bus.wake(self, name)
+
     @on("setup", order=CHECKPOINT_ORDER)
     def _start_run(self, payload: StagePayload) -> None:
         self._fitting = payload.stage == "fit"
+        self._bus = getattr(payload.trainer, "bus", None)
         if self._fitting:
             self.dirpath = self._dirpath_argument or os.path.join(payload.trainer.default_root_dir, "checkpoints")
             argument = "dirpath" if self._dirpath_argument else "the default dirpath, under default_root_dir"
@@ -184,11 +203,12 @@ class ModelCheckpoint(Plugin):
         """Return the step-schedule handlers outside fit or without ``every_n_train_steps``, where they do nothing."""
         if self._fitting and self.every_n_train_steps is not None:
             return ()
-        return ("_note_step_at_batch_start", "_save_on_step_schedule")
+        return _STEP_HANDLERS
 
     @on("teardown", order=CHECKPOINT_ORDER)
     def _end_run(self, payload: StagePayload) -> None:
         self._fitting = False
+        self._bus = None
 
     @on("on_validation_start", order=CHECKPOINT_ORDER)
     def _note_monitor_before_validation(self, payload: EvalPayload) -> None:
@@ -529,6 +549,10 @@ def check_folder(path: str, what: str) -> None:
             f"{what} is not usable: {existing!r} is a file, not a folder, so no checkpoint can be written there. "
             "Pass a folder path."
         )
+
+
+#: The handlers of the step schedule, idle in a run without it.
+_STEP_HANDLERS = ("_note_step_at_batch_start", "_save_on_step_schedule")
 
 
 def _check_interval(name: str, value: int | None) -> int | None:

@@ -116,6 +116,11 @@ class MemoryProbe(Plugin):
     def _report(self, payload: Payload) -> None:
         self.sample(payload.module)
         self._fit_devices = None
+
+    @on("teardown")
+    def _forget_devices(self, payload: Payload) -> None:
+        # A fit that fails never reaches on_fit_end, and a later sample() must not read its devices.
+        self._fit_devices = None
         if not self._peaks:
             return
         width = max(len(name) for name in self._peaks)

@@ -75,9 +75,10 @@ class ProgressBar(Plugin):
         isatty = getattr(self._stream, "isatty", None)
         self._interactive = bool(callable(isatty) and isatty())
 
-    def idle_handlers(self, trainer: Any) -> tuple[str, ...]:
-        """Return the per-batch handler when no bar is drawn on a terminal: the epoch line is written at the end."""
-        return () if self._active and self._interactive else ("_advance_train",)
+    @on("on_train_start")
+    def _start_clock(self, payload: Payload) -> None:
+        # A fit resumed in the middle of an epoch gets no on_epoch_start, so its first line counts from here.
+        self._epoch_started_at = time.monotonic()
 
     @on("teardown")
     def _close_on_teardown(self, payload: StagePayload) -> None:
@@ -132,10 +133,7 @@ class ProgressBar(Plugin):
 
     def _write_epoch_line(self, payload: EpochPayload, metrics: str) -> None:
         total = _finite_total(getattr(payload.trainer, "num_training_batches", None))
-        # `_advance_train` is idle in this mode, so the count comes from the trainer's loop progress.
-        progress = getattr(payload.trainer, "_progress", None)
-        done = getattr(progress, "batches_done", self._batches_done)
-        batches = f"{done}/{total}" if total is not None else str(done)
+        batches = f"{self._batches_done}/{total}" if total is not None else str(self._batches_done)
         max_epochs = getattr(payload.trainer, "max_epochs", None)
         # Shown counting from 1 ("Epoch 1/3"), as people count; payloads and file names count from 0.
         last = f"/{max_epochs}" if isinstance(max_epochs, int) and max_epochs > 0 else ""

@@ -335,6 +335,33 @@ def test_step_handlers_idle_without_step_schedule(tmp_path, steps, idle):
     expected = ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"]
     assert listing(checkpoint.dirpath) == expected
 
+
+class TurnOnStepSchedule(hookrt.Plugin):
+    def __init__(self, checkpoint: ModelCheckpoint) -> None:
+        self.checkpoint = checkpoint
+
+    @hookrt.on("on_fit_start")
+    def turn_on(self, payload) -> None:
+        self.checkpoint.every_n_train_steps = 3
+
+
+def test_step_schedule_set_during_fit_wakes_handlers(tmp_path):
+    # The step handlers were idle after setup, because the schedule was off then.
+    checkpoint = ModelCheckpoint(save_top_k=-1)
+    fit(tmp_path, [checkpoint, TurnOnStepSchedule(checkpoint)], ScriptedModule(), max_epochs=3, val=False)
+
+    assert {"epoch=1-step=3.ckpt", "epoch=2-step=6.ckpt"} <= set(listing(checkpoint.dirpath))
+
+
+def test_step_schedule_setter_zero_off(tmp_path):
+    checkpoint = ModelCheckpoint(every_n_train_steps=3, save_top_k=-1)
+    checkpoint.every_n_train_steps = 0
+
+    assert checkpoint.every_n_train_steps is None
+    with pytest.raises(MisconfigurationError, match=r"ModelCheckpoint\(every_n_train_steps=-1\) is invalid: use a "
+                                                    r"positive number, or None or 0 to turn this schedule off\."):
+        checkpoint.every_n_train_steps = -1
+
 def test_every_n_epochs(tmp_path):
     checkpoint = ModelCheckpoint(every_n_epochs=2, save_top_k=-1)
     fit(tmp_path, [checkpoint], ScriptedModule(), max_epochs=5)

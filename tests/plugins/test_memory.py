@@ -3,11 +3,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import types
 
 import pytest
 import torch
 
 import hookrt
+from hookrt.plugins import memory as memory_module
 from hookrt.plugins.csv_logger import CSVLogger
 from hookrt.plugins.memory import MemoryProbe, cuda_memory, host_memory
 
@@ -109,6 +111,37 @@ def test_cuda_availability_queried_once_per_fit(make_trainer, run_fit, monkeypat
     assert len(samples) == 8
     assert len(queries) == 1
 
+
+
+class FailingModule(hookrt.LightningModule):
+    cuda_index = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("training failed")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_failed_fit_leaves_no_devices_behind(tmp_path, monkeypatch):
+    # The CUDA calls are replaced, so the test runs without a GPU: each module names its own device.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory_module, "_cuda_devices", lambda module: [torch.device("cuda", module.cuda_index)])
+    monkeypatch.setattr(memory_module, "cuda_memory", lambda device: {f"memory/cuda{device.index}/allocated_mib": 1.0})
+    probe = MemoryProbe()
+    trainer = hookrt.Trainer(max_epochs=1, plugins=[probe], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                             default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="training failed"):
+        trainer.fit(FailingModule(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2))))
+
+    other = types.SimpleNamespace(cuda_index=1)
+    assert "memory/cuda1/allocated_mib" in probe.sample(other)
+    assert "memory/cuda0/allocated_mib" not in probe.sample(other)
 
 @needs_cuda
 def test_cuda_statistics_per_device(make_trainer, run_fit):

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import hookrt
+from hookrt.plugins import progress as progress_module
 from hookrt.plugins.progress import ProgressBar, format_metrics
 
 LINE = re.compile(r"Epoch (\d+)/2: (\d+)/4 batches, loss=([0-9.e-]+), val_loss=([0-9.e-]+), \d+\.\ds")
@@ -53,7 +54,6 @@ class StepModule(hookrt.LightningModule):
 
 
 def test_stopped_epoch_line_counts_batches_run(tmp_path):
-    # Without a terminal, the per-batch handler is idle and the count comes from the trainer's loop.
     stream = io.StringIO()
     bar = ProgressBar(file=stream)
     trainer = hookrt.Trainer(max_epochs=2, max_steps=3, plugins=[bar], logger=False, enable_checkpointing=False,
@@ -66,21 +66,51 @@ def test_stopped_epoch_line_counts_batches_run(tmp_path):
     assert len(stream.getvalue().splitlines()) == 1
 
 
-@pytest.mark.parametrize(("stream", "idle"), [(io.StringIO, True), (TerminalStream, False)])
-def test_batch_handler_idle_only_without_terminal(tmp_path, stream, idle):
-    bar = ProgressBar(file=stream())
-    seen: list[bool] = []
+class CancelLast(hookrt.Plugin):
+    @hookrt.on("on_batch_start")
+    def cancel(self, payload) -> None:
+        if payload.batch_idx >= 3:
+            raise hookrt.CancelBatch()
 
-    class Look(hookrt.Plugin):
-        @hookrt.on("on_train_start")
-        def look(self, payload) -> None:
-            seen.append(payload.trainer.bus.is_idle(bar, "_advance_train"))
 
-    trainer = hookrt.Trainer(max_epochs=1, plugins=[bar, Look()], logger=False, enable_checkpointing=False,
-                             enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(StepModule(), DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2))
+def test_line_counts_batches_up_to_last_finished(tmp_path):
+    stream = io.StringIO()
+    trainer = hookrt.Trainer(max_epochs=1, plugins=[ProgressBar(file=stream), CancelLast()], logger=False,
+                             enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
 
-    assert seen == [idle]
+    trainer.fit(StepModule(), DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=2))
+
+    assert stream.getvalue().startswith("Epoch 1/1: 3/5 batches, ")
+
+
+class FakeClock:
+    """Stands in for the time module in the progress bar: monotonic() starts at 10000 s and adds 1 s per call."""
+
+    def __init__(self) -> None:
+        self.now = 10_000.0
+
+    def monotonic(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_resumed_epoch_line_counts_time_from_resume(tmp_path, monkeypatch):
+    # A fit resumed in the middle of an epoch gets no on_epoch_start, so the clock starts at on_train_start.
+    loader = DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=2)
+    flags = dict(logger=False, enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    first = hookrt.Trainer(max_epochs=1, max_steps=2, enable_progress_bar=False, **flags)
+    module = StepModule()
+    first.fit(module, loader)
+    first.save_checkpoint(tmp_path / "mid.ckpt")
+    monkeypatch.setattr(progress_module, "time", FakeClock())
+    stream = io.StringIO()
+
+    hookrt.Trainer(max_epochs=1, plugins=[ProgressBar(file=stream)], **flags).fit(
+        StepModule(), loader, ckpt_path=tmp_path / "mid.ckpt")
+
+    line = stream.getvalue()
+    assert line.startswith("Epoch 1/1: 5/5 batches, ")
+    assert float(line.rstrip().rsplit(", ", 1)[1].rstrip("s")) < 100
 
 def test_line_shows_every_progress_bar_metric(make_trainer, run_fit):
     trainer = make_trainer(max_epochs=1)
