@@ -112,19 +112,35 @@ def checkpoint_section(part: dict[str, Any]) -> list[str]:
     writes = part["async_write_s"]
     rows = [
         ["synchronous `save_checkpoint(path)`", f"{statistics.median(sync):.3f}", spread(sync, 3), "1.00"],
-        ["asynchronous, stall (the copy)", f"{statistics.median(stalls):.3f}", spread(stalls, 3),
+        ["asynchronous `save_checkpoint(path, asynchronous=True)`", f"{statistics.median(stalls):.3f}",
+         spread(stalls, 3),
          f"{statistics.median(stalls) / statistics.median(sync):.2f}"],
-        ["asynchronous, until the file is complete", f"{statistics.median(writes):.3f}", spread(writes, 3),
+        ["asynchronous, from the save until the file is complete", f"{statistics.median(writes):.3f}",
+         spread(writes, 3),
          f"{statistics.median(writes) / statistics.median(sync):.2f}"],
+    ]
+    extra_rows = [
+        [kind, f"{statistics.median(part[f'{key}_extra_s']):.3f}", spread(part[f"{key}_extra_s"], 3)]
+        for kind, key in (("synchronous", "sync"), ("asynchronous", "async"))
     ]
     return [
         f"Model: {part['parameters'] / 1e6:.1f}M parameters ({4} linear layers of width {part['layer_width']}), "
-        f"Adam state included after one step; file {part['file_mib']:.0f} MiB on {part['folder_filesystem']}; "
-        f"{part['rounds']} rounds, sync and async alternating, after a warm-up save of each kind.",
+        f"Adam state included; file {part['file_mib']:.0f} MiB on {part['folder_filesystem']}; "
+        f"{part['rounds']} rounds, sync and async alternating, after a warm-up save of each kind. Each save is "
+        "made during fit, after a batch. Its stall is the time the training thread is blocked: the save call, and "
+        "for an asynchronous save also the time the next optimizer step waits for the background copy of the "
+        "weights and the optimizer state.",
         "",
-        markdown_table(["save", "median s", "range s", "vs synchronous"], rows, [False, True, True, True]),
+        markdown_table(["save", "median stall s", "range s", "vs synchronous"], rows, [False, True, True, True]),
         "",
-        f"The warm-up saves are left out of the table. The first asynchronous save of a run allocates its host "
+        f"The background copy and write do not block training, but they compete with it for memory bandwidth "
+        f"and cores. The whole cost of a save, the time that the {part['window_batches']} batches after it "
+        f"took beyond {part['window_batches']} median batches ({part['median_batch_s'] * 1000:.0f} ms each) of the "
+        "same fit, from the end of the batch before the save:",
+        "",
+        markdown_table(["save", "median extra time s", "range s"], extra_rows, [False, True, True]),
+        "",
+        f"The warm-up saves are left out of the tables. The first asynchronous save of a run allocates its host "
         f"buffers, and stalled training for {part['first_async_stall_s']:.3f} s here (the first synchronous save: "
         f"{part['first_sync_stall_s']:.3f} s); later saves copy into the buffers of the previous one.",
     ]

@@ -5,17 +5,25 @@ Run by ``python -m benchmarks``; alone::
     OMP_NUM_THREADS=1 python -m benchmarks.checkpoint_stall --parameters 50e6 --json out.json
 
 The model is a stack of square ``nn.Linear`` layers sized to the requested
-parameter count, trained with Adam for one step by a hookrt Trainer, so the
-checkpoint contains the weights and both Adam moments (three tensors per
-parameter, float32). The stall is the wall-clock time that
-``trainer.save_checkpoint(path)`` blocks its caller: the whole
-``torch.save``, flush and fsync for a synchronous save, and the copy of the
-state to new host memory for ``asynchronous=True``. For the asynchronous save
-the time until the background write has finished is reported too. Rounds
-alternate between the two kinds, and each round waits for the previous
-background write before it starts, so the writes do not overlap.
+parameter count, trained with Adam by a hookrt Trainer, so the checkpoint
+contains the weights and both Adam moments (three tensors per parameter,
+float32). A plugin saves after chosen batches of that fit, with
+``trainer.save_checkpoint(path)`` or ``asynchronous=True``.
 
-A warm-up round of each kind comes first and is reported on its own: the
+The stall of a save is the time the training thread is blocked by it: the
+save call (the whole ``torch.save``, flush and fsync of a synchronous save;
+the copy of everything but the weights and the optimizer state for an
+asynchronous one) plus the time the next optimizer steps wait for the
+background copy of the weights and the optimizer state. The training thread
+is not blocked otherwise, but the background copy and write compete with it
+for memory bandwidth and cores. So the report also gives the whole cost: the
+time that the `WINDOW` batches after the save took beyond `WINDOW` median
+batches of the same fit, from the end of the batch before the save. With
+the default 50M parameters, the write finishes within the window. Before the next save, the
+plugin waits for the write in flight, and that batch is left out of the
+median.
+
+A warm-up save of each kind comes first and is reported on its own: the
 first asynchronous save allocates the host buffers that later saves reuse,
 and on a virtual machine the first writes to fresh memory also pay for the
 host backing it. The medians describe the steady state of a run that saves
@@ -47,8 +55,15 @@ def layer_width(parameters: float) -> int:
     return int((-1 + math.sqrt(1 + 4 * parameters / LAYERS)) / 2)
 
 
-def build_trainer(parameters: float, root: Path) -> tuple[Any, int]:
-    """Train the model for one Adam step and return the trainer and the model's parameter count."""
+#: Batches after a save over which its stall is measured.
+WINDOW = 4
+#: Batches from one save to the next: the window, one more that the write may still slow, two quiet
+#: batches for the median, and the batch that waits for the write in flight.
+SPACING = WINDOW + 5
+
+
+def build_module(parameters: float) -> Any:
+    """Return the module: `LAYERS` square linear layers of about ``parameters`` in all, trained with Adam."""
     import hookrt
 
     width = layer_width(parameters)
@@ -66,57 +81,104 @@ def build_trainer(parameters: float, root: Path) -> tuple[Any, int]:
             return torch.optim.Adam(self.parameters(), lr=1e-4)
 
     torch.manual_seed(0)
-    model = WideModel()
-    data = TensorDataset(torch.randn(4, width), torch.randn(4, width))
-    trainer = hookrt.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root))
-    trainer.fit(model, DataLoader(data, batch_size=4))
-    return trainer, sum(parameter.numel() for parameter in model.parameters())
+    return WideModel()
 
 
 def measure(parameters: float, rounds: int, folder: Path) -> dict[str, Any]:
+    import hookrt
     from hookrt._async_save import writer_for
 
-    trainer, count = build_trainer(parameters, folder)
-    writer = writer_for(trainer)
-
-    def save(kind: str) -> tuple[float, float]:
-        """Save once and return the stall and the time until the file is complete."""
-        path = folder / f"{kind}.ckpt"
-        path.unlink(missing_ok=True)
-        start = time.perf_counter()
-        trainer.save_checkpoint(path, asynchronous=kind == "async")
-        stall = time.perf_counter() - start
-        writer.wait()
-        return stall, time.perf_counter() - start
-
-    first_sync, _ = save("sync")
-    first_async, _ = save("async")
-    synchronous: list[float] = []
-    stalls: list[float] = []
-    writes: list[float] = []
+    # Warm-up saves of each kind, then the rounds, sync and async alternating in rotating order.
+    kinds = ["sync", "async"]
     for round_index in range(rounds):
-        for kind in (("sync", "async") if round_index % 2 == 0 else ("async", "sync")):
-            stall, complete = save(kind)
-            if kind == "sync":
-                synchronous.append(stall)
-            else:
-                stalls.append(stall)
-                writes.append(complete)
+        kinds += ["sync", "async"] if round_index % 2 == 0 else ["async", "sync"]
+    schedule = {SPACING * (index + 1): kind for index, kind in enumerate(kinds)}
+    steps = SPACING * (len(kinds) + 1)
+
+    class SaveProbe(hookrt.Plugin):
+        """Saves after the scheduled batches and records when each batch ended."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.write_times: dict[int, float] = {}
+            #: Per save: the time the save call blocked training, and the time the next optimizer step waited.
+            self.calls: dict[int, float] = {}
+            self.waits: dict[int, float] = {}
+            self.saving: int | None = None
+
+        @hookrt.on("on_batch_end")
+        def record(self, payload: Any) -> None:
+            trainer = payload.trainer
+            batch_idx = payload.batch_idx
+            if batch_idx + 1 in schedule:
+                writer_for(trainer).wait()  # so that no write is in flight when the next save starts
+            self.ends.append(time.perf_counter())
+            kind = schedule.get(batch_idx)
+            if kind is None:
+                return
+            path = folder / f"{kind}.ckpt"
+            path.unlink(missing_ok=True)
+            # The save runs once this event has reached every handler; the clock brackets it there.
+            bus = trainer.bus
+            bus.after_dispatch(lambda: self.calls.__setitem__(batch_idx, time.perf_counter()))
+            trainer.save_checkpoint(path, asynchronous=kind == "async")
+            bus.after_dispatch(lambda: self.calls.__setitem__(batch_idx, time.perf_counter() - self.calls[batch_idx]))
+            self.saving = batch_idx
+            if kind == "async":
+                started = self.ends[-1]
+                trainer.bus.after_dispatch(lambda: writer_for(trainer).after_write(
+                    lambda: self.write_times.__setitem__(batch_idx, time.perf_counter() - started)))
+
+    probe = SaveProbe()
+
+    def timed_wait(optimizer: Any, args: Any, kwargs: Any) -> None:
+        start = time.perf_counter()
+        wait_for_copy(optimizer, args, kwargs)
+        if probe.saving is not None:
+            probe.waits[probe.saving] = probe.waits.get(probe.saving, 0.0) + time.perf_counter() - start
+
+    module = build_module(parameters)
+    width = layer_width(parameters)
+    data = TensorDataset(torch.randn(4 * steps, width), torch.randn(4 * steps, width))
+    trainer = hookrt.Trainer(max_epochs=1, plugins=[probe], logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             enable_signal_handler=False, num_sanity_val_steps=0, default_root_dir=str(folder))
+    # The optimizer step pre-hook that an asynchronous save registers is timed, to see how long steps wait.
+    writer = writer_for(trainer)
+    wait_for_copy = writer._wait_for_copy
+    writer._wait_for_copy = timed_wait  # type: ignore[method-assign]
+    trainer.fit(module, DataLoader(data, batch_size=4))
+
+    durations = [later - earlier for earlier, later in zip(probe.ends, probe.ends[1:], strict=False)]
+    # durations[i] is batch i + 1, from the end of batch i; the first batches warm up and are left out.
+    disturbed = {batch + offset for batch in schedule for offset in (-1, *range(1, WINDOW + 2))}
+    quiet = [duration for index, duration in enumerate(durations) if index + 1 not in disturbed and index >= 2]
+    median_batch = statistics.median(quiet)
+    stalls: dict[str, list[float]] = {"sync": [], "async": []}
+    extra: dict[str, list[float]] = {"sync": [], "async": []}
+    for batch, kind in schedule.items():
+        stalls[kind].append(probe.calls[batch] + probe.waits.get(batch, 0.0))
+        extra[kind].append(sum(durations[batch:batch + WINDOW]) - WINDOW * median_batch)
+    writes = [probe.write_times[batch] for batch, kind in sorted(schedule.items()) if kind == "async"]
+    synchronous, asynchronous = stalls["sync"][1:], stalls["async"][1:]
     size = (folder / "sync.ckpt").stat().st_size
     return {
-        "parameters": count,
-        "layer_width": layer_width(parameters),
+        "parameters": sum(parameter.numel() for parameter in module.parameters()),
+        "layer_width": width,
         "file_mib": size / 2**20,
         "rounds": rounds,
-        "first_sync_stall_s": first_sync,
-        "first_async_stall_s": first_async,
+        "window_batches": WINDOW,
+        "median_batch_s": median_batch,
+        "first_sync_stall_s": stalls["sync"][0],
+        "first_async_stall_s": stalls["async"][0],
         "sync_stall_s": synchronous,
-        "async_stall_s": stalls,
-        "async_write_s": writes,
+        "async_stall_s": asynchronous,
+        "async_write_s": writes[1:],
         "sync_median_s": statistics.median(synchronous),
-        "async_median_s": statistics.median(stalls),
-        "async_write_median_s": statistics.median(writes),
+        "async_median_s": statistics.median(asynchronous),
+        "async_write_median_s": statistics.median(writes[1:]),
+        "sync_extra_s": extra["sync"][1:],
+        "async_extra_s": extra["async"][1:],
     }
 
 

@@ -14,6 +14,21 @@ the end of the run, the writer keeps one checkpoint's worth of host memory.
 The write itself goes through `save_atomic`, so it is as atomic as a
 synchronous one.
 
+During fit, the largest part of the copy overlaps training. The storages of
+the module's parameters and of the optimizers' state change only in
+optimizer steps, so the writer thread copies them while the next batch loads,
+runs forward and runs backward. An optimizer step pre-hook makes every
+optimizer step wait until that copy is complete, and so does every event
+other than the four that come before the step inside a batch
+(`OVERLAPPED_EVENTS`), because plugins may swap weights at such events, for
+example at the end of training or before validation. Everything else (buffers,
+gradients of an open accumulation window, plugin states) is copied before the
+save returns. An in-place change to those storages outside an optimizer step
+would reach the copy. So each such tensor's version counter is read at the
+save and again after the copy. When one has changed, the file is not written,
+and the next save or the end of the run raises `CheckpointError`. Changes
+made through ``tensor.data`` do not move the version counter and go unseen.
+
 Each trainer has at most one `AsyncCheckpointWriter`, and the writer has at
 most one write in flight: a new save first waits for the previous write. An
 error in a background write is raised by the next save, or when the run that
@@ -32,8 +47,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from hookrt._checkpoint_io import check_loadable, save_atomic
+from hookrt._errors import CheckpointError
 from hookrt._events import Event
 
 __all__ = ["AsyncCheckpointWriter", "snapshot_to_host", "writer_for"]
@@ -44,6 +61,13 @@ logger = logging.getLogger(__name__)
 _WRITER_ATTRIBUTE = "_async_checkpoint_writer"
 #: Order of the writer's teardown handler: after every plugin's, so their files are closed first.
 _TEARDOWN_ORDER = 2**30
+
+
+#: The events that may run while the deferred copy is in progress: those of the next batch before its step.
+OVERLAPPED_EVENTS = frozenset({Event.BATCH_START.value, Event.BEFORE_BACKWARD.value, Event.AFTER_BACKWARD.value,
+                               Event.BEFORE_OPTIMIZER_STEP.value})
+#: Order of the handlers that wait for the deferred copy: before every other handler of their event.
+_COPY_WAIT_ORDER = -(2**30)
 
 
 #: Host storages that a finished snapshot no longer needs, by (pinned, size in bytes).
@@ -76,11 +100,38 @@ def _snapshot(value: Any, pool: BufferPool) -> tuple[Any, BufferPool]:
     return result, copier.filled
 
 
+class _DeferredCopy:
+    """Host copies of storages that change only in optimizer steps, made after the save returns."""
+
+    def __init__(self, copies: list[tuple[torch.UntypedStorage, torch.UntypedStorage]],
+                 watched: list[tuple[torch.Tensor, int]]) -> None:
+        self.copies = copies
+        #: Each source tensor with its version counter at the save, checked again after the copy.
+        self.watched = watched
+        self.done = threading.Event()
+        self.changed = False
+
+    def run(self) -> None:
+        """Copy the storages, note whether a source changed in place meanwhile, and release the waiters."""
+        try:
+            _copy_host_storages(self.copies)
+            self.changed = any(tensor._version != version for tensor, version in self.watched)
+        finally:
+            self.copies = []
+            self.watched = []
+            self.done.set()
+
+
 class _HostCopier:
     """One snapshot: remembers copied storages and containers so that shared references stay shared."""
 
-    def __init__(self, pool: BufferPool) -> None:
+    def __init__(self, pool: BufferPool, deferrable: set[tuple[int, int]] | None = None) -> None:
         self.pool = pool
+        #: (data_ptr, nbytes) of the CPU storages whose copy may wait until after the save returns.
+        self.deferrable = deferrable or set()
+        #: The copies of those storages, and the tensors that read them with their version counters.
+        self.deferred_copies: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []
+        self.watched: list[tuple[torch.Tensor, int]] = []
         self.storages: dict[tuple[str, int, int], torch.UntypedStorage] = {}
         self.filled: BufferPool = {}
         self.containers: dict[int, Any] = {}
@@ -127,9 +178,12 @@ class _HostCopier:
             return tensor.detach().to("cpu", copy=True)
         storage = tensor.untyped_storage()
         key = (str(storage.device), storage.data_ptr(), storage.nbytes())
+        deferred = storage.device.type == "cpu" and key[1:] in self.deferrable
+        if deferred:
+            self.watched.append((tensor, tensor._version))
         copied = self.storages.get(key)
         if copied is None:
-            copied = self.copy_storage(storage)
+            copied = self.copy_storage(storage, deferred)
             self.storages[key] = copied
         result = torch.empty(0, dtype=tensor.dtype)
         result.set_(copied, tensor.storage_offset(), tensor.size(), tensor.stride())
@@ -139,7 +193,7 @@ class _HostCopier:
             result.requires_grad_(True)
         return result
 
-    def copy_storage(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
+    def copy_storage(self, storage: torch.UntypedStorage, deferred: bool = False) -> torch.UntypedStorage:
         pinned = storage.device.type == "cuda"
         spare = self.pool.get((pinned, storage.nbytes()))
         if spare:
@@ -149,6 +203,8 @@ class _HostCopier:
         if pinned:
             # NOTE: the pinned CUDA path has not run in this project's tests, which have no GPU.
             host.copy_(storage, non_blocking=True)
+        elif deferred:
+            self.deferred_copies.append((host, storage))
         else:
             self.host_copies.append((host, storage))
         self.used_cuda = self.used_cuda or pinned
@@ -172,6 +228,12 @@ class AsyncCheckpointWriter:
         #: Host storages free for the next snapshot, and those the write in flight still reads.
         self._pool: BufferPool = {}
         self._lent: BufferPool = {}
+        #: The copy that the write in flight makes after `submit` returned, and the optimizer step
+        #: pre-hook that waits for it; None when there is none.
+        self._deferred: _DeferredCopy | None = None
+        self._step_hook: Any = None
+        #: Handles of the handlers that make events wait for the deferred copy.
+        self._event_guards: list[Any] = []
         #: Whether a teardown handler of the current run waits for this writer.
         self.teardown_subscribed = False
 
@@ -181,8 +243,18 @@ class AsyncCheckpointWriter:
         thread = self._thread
         return thread is not None and thread.is_alive()
 
-    def submit(self, checkpoint: Mapping[str, Any], path: str, *, owners: Mapping[str, str] | None = None) -> None:
+    def submit(self, checkpoint: Mapping[str, Any], path: str, *, owners: Mapping[str, str] | None = None,
+               deferrable: set[tuple[int, int]] | None = None, bus: Any = None) -> None:
         """Snapshot ``checkpoint`` and write it to ``path`` in the background.
+
+        Args:
+            checkpoint: the checkpoint dict.
+            path: the file to write.
+            owners: passed to `check_loadable`, so that its error names the plugin.
+            deferrable: ``(data_ptr, nbytes)`` of CPU storages that change only in optimizer
+                steps. The writer thread copies them after this call returns, and every
+                optimizer step waits for that copy.
+            bus: the bus whose events outside `OVERLAPPED_EVENTS` wait for that copy too.
 
         Raises:
             CheckpointError: the previous background write failed, or ``checkpoint``
@@ -192,9 +264,20 @@ class AsyncCheckpointWriter:
         """
         self.wait()
         check_loadable(checkpoint, owners=owners)
-        snapshot, self._lent = _snapshot(checkpoint, self._pool)
+        copier = _HostCopier(self._pool, deferrable)
+        snapshot = copier.copy(checkpoint)
+        _copy_host_storages(copier.host_copies)
+        if copier.used_cuda:
+            torch.cuda.synchronize()
+        self._lent = copier.filled
+        if copier.deferred_copies:
+            self._deferred = _DeferredCopy(copier.deferred_copies, copier.watched)
+            self._step_hook = register_optimizer_step_pre_hook(self._wait_for_copy)
+            if bus is not None:
+                self._guard_events(bus)
         thread = threading.Thread(
-            target=self._write, args=(snapshot, path, owners), name=f"hookrt checkpoint writer ({path})"
+            target=self._write, args=(snapshot, path, owners, self._deferred),
+            name=f"hookrt checkpoint writer ({path})",
         )
         with self._lock:
             self._thread = thread
@@ -217,6 +300,7 @@ class AsyncCheckpointWriter:
         thread = self._thread
         if thread is not None:
             thread.join()
+        self._finish_copy()
         with self._lock:
             self._thread = None
             error, self._error = self._error, None
@@ -233,8 +317,47 @@ class AsyncCheckpointWriter:
         finally:
             self._pool = {}
 
-    def _write(self, snapshot: Mapping[str, Any], path: str, owners: Mapping[str, str] | None) -> None:
+    def _guard_events(self, bus: Any) -> None:
+        def wait_for_copy(payload: Any) -> None:
+            self._finish_copy()
+
+        for event in Event:
+            if event.value not in OVERLAPPED_EVENTS:
+                self._event_guards.append(bus.subscribe(event, wait_for_copy, name="AsyncCheckpointWriter",
+                                                        order=_COPY_WAIT_ORDER))
+
+    def _finish_copy(self) -> None:
+        """Wait for the deferred copy, then remove the hook and the handlers that wait for it."""
+        deferred = self._deferred
+        if deferred is not None:
+            deferred.done.wait()
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+        guards, self._event_guards = self._event_guards, []
+        for guard in guards:
+            guard.remove()
+        self._deferred = None
+
+    def _wait_for_copy(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Hold an optimizer step until the deferred copy no longer reads the tensors it changes."""
+        deferred = self._deferred
+        if deferred is not None:
+            deferred.done.wait()
+
+    def _write(self, snapshot: Mapping[str, Any], path: str, owners: Mapping[str, str] | None,
+               deferred: _DeferredCopy | None) -> None:
         try:
+            if deferred is not None:
+                deferred.run()
+                if deferred.changed:
+                    raise CheckpointError(
+                        f"The asynchronous checkpoint {path!r} was not written: a parameter or an optimizer state "
+                        "tensor was changed in place after save_checkpoint(asynchronous=True) returned, before the "
+                        "background copy had read it. During fit these are copied while the next batch runs, and "
+                        "only optimizer steps wait for the copy. Change them in place only in optimizer steps, or "
+                        "save with asynchronous=False."
+                    )
             save_atomic(snapshot, path, owners=owners)
         except BaseException as exc:  # re-raised in the training thread by `wait`
             with self._lock:

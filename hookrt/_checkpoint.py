@@ -12,6 +12,8 @@ import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from hookrt._checkpoint_io import (
     capture_rng_state,
     checkpoint_marker,
@@ -99,6 +101,24 @@ def _rank_state(trainer: Trainer) -> dict[str, Any]:
             "partial_gradients": partial}
 
 
+def _step_only_storages(trainer: Trainer) -> set[tuple[int, int]]:
+    """Return ``(data_ptr, nbytes)`` of the CPU storages of the parameters and optimizer states.
+
+    Only optimizer steps change them, so an asynchronous save during fit may
+    copy them while the next batch runs (see `hookrt._async_save`).
+    """
+    tensors: list[torch.Tensor] = list(trainer.lightning_module.parameters())
+    for optimizer in trainer.optimizers:
+        for state in optimizer.state.values():
+            tensors.extend(value for value in state.values() if isinstance(value, torch.Tensor))
+    keys = set()
+    for tensor in tensors:
+        if tensor.device.type == "cpu" and tensor.layout is torch.strided:
+            storage = tensor.untyped_storage()
+            keys.add((storage.data_ptr(), storage.nbytes()))
+    return keys
+
+
 def write_checkpoint(trainer: Trainer, path: str, *, asynchronous: bool = False) -> None:
     """Write the trainer's state to ``path`` atomically; only the global rank 0 process writes.
 
@@ -122,7 +142,8 @@ def write_checkpoint(trainer: Trainer, path: str, *, asynchronous: bool = False)
             if asynchronous:
                 from hookrt._async_save import writer_for
 
-                writer_for(trainer).submit(checkpoint, path, owners=owners)
+                deferrable = _step_only_storages(trainer) if trainer._running == "fit" else None
+                writer_for(trainer).submit(checkpoint, path, owners=owners, deferrable=deferrable, bus=trainer.bus)
             else:
                 save_atomic(checkpoint, path, owners=owners)
             logger.info("%s checkpoint %s (epoch %d, step %d)", "Writing" if asynchronous else "Saved", path,

@@ -306,9 +306,15 @@ class Trainer:
         Called from a handler, the write waits until the event being dispatched
         has reached every handler, so each plugin's state is that of one moment.
 
-        With ``asynchronous=True``, the state is copied to host memory at that
-        same moment and the file is written from a background thread, so
-        training stalls only for the copy. At most one such write is in flight:
+        With ``asynchronous=True``, the state is copied to host memory and the
+        file is written from a background thread. During fit, the weights and
+        the optimizer state are copied while the next batch runs forward and
+        backward. Its optimizer step, and any event after that batch's
+        ``before_optimizer_step``, waits for that copy, so training stalls only
+        while the other tensors (buffers, plugin states) are copied. Changing them in place
+        outside an optimizer step before the copy is done makes the save fail
+        with `CheckpointError` instead of writing a mixed state (changes through
+        ``tensor.data`` cannot be seen). At most one such write is in flight:
         the next save waits for it. An error in the write is raised by the next
         save or at the end of the run, and the run does not return before the
         file is complete.

@@ -332,3 +332,118 @@ def test_writer_reuses_host_buffers(tmp_path):
     writer.release_buffers()
     assert writer._pool == {}
     assert torch.equal(load_checkpoint(tmp_path / "b.ckpt")["weight"], torch.full((1000,), 2.0))
+
+
+# ---------------------------------------------------------------------- copy overlapping the next batch
+
+
+class SlowDeferredCopy:
+    """Stands in for _copy_host_storages: copies made on the writer thread start only after `delay` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.copy = _async_save._copy_host_storages
+        self.deferred_calls = 0
+
+    def __call__(self, copies: Any) -> None:
+        if copies and threading.current_thread() is not threading.main_thread():
+            self.deferred_calls += 1
+            time.sleep(self.delay)
+        self.copy(copies)
+
+
+class SaveAtBatch(hookrt.Plugin):
+    """Saves asynchronously after one batch and keeps a clone of the state at that moment."""
+
+    def __init__(self, path: Path, batch_idx: int) -> None:
+        self.path = path
+        self.batch_idx = batch_idx
+        self.expected: dict[str, Any] = {}
+
+    @hookrt.on("on_batch_end")
+    def save(self, payload: Any) -> None:
+        if payload.batch_idx != self.batch_idx:
+            return
+        trainer = payload.trainer
+        self.expected = {
+            "state_dict": OrderedDict((name, value.clone())
+                                      for name, value in trainer.lightning_module.state_dict().items()),
+            "optimizer": {index: {name: value.clone() for name, value in state.items()}
+                          for index, state in trainer.optimizers[0].state_dict()["state"].items()},
+        }
+        trainer.save_checkpoint(self.path, asynchronous=True)
+
+
+def test_deferred_copy_holds_next_optimizer_step(tmp_path, monkeypatch):
+    # The copy of weights and Adam state starts only after the next batch's forward and backward have run,
+    # so the file is right only if that batch's optimizer step waited for it.
+    slow = SlowDeferredCopy(delay=0.3)
+    monkeypatch.setattr(_async_save, "_copy_host_storages", slow)
+    torch.manual_seed(0)
+    saver = SaveAtBatch(tmp_path / "async.ckpt", batch_idx=1)
+
+    quiet_trainer(tmp_path, [saver]).fit(Regressor(), loader())
+
+    saved = load_checkpoint(tmp_path / "async.ckpt")
+    assert slow.deferred_calls == 1
+    assert saved["global_step"] == 2
+    assert_same(saved["state_dict"], saver.expected["state_dict"])
+    for index, state in saver.expected["optimizer"].items():
+        assert_same(saved["optimizer_states"][0]["state"][index], state)
+
+
+class ChangeWeightsBeforeStep(hookrt.Plugin):
+    """Changes the weights in place at the start of the batch after the save, outside an optimizer step."""
+
+    @hookrt.on("on_batch_start")
+    def change(self, payload: Any) -> None:
+        if payload.batch_idx == 2:
+            with torch.no_grad():
+                next(payload.module.parameters()).add_(1.0)
+
+
+def test_in_place_change_before_copy_drops_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(_async_save, "_copy_host_storages", SlowDeferredCopy(delay=0.3))
+    saver = SaveAtBatch(tmp_path / "async.ckpt", batch_idx=1)
+    trainer = quiet_trainer(tmp_path, [saver, ChangeWeightsBeforeStep()])
+
+    with pytest.raises(CheckpointError, match=r"The asynchronous checkpoint '.*async\.ckpt' was not written: a "
+                                              r"parameter or an optimizer state tensor was changed in place after "
+                                              r"save_checkpoint\(asynchronous=True\) returned"):
+        trainer.fit(Regressor(), loader())
+
+    assert not (tmp_path / "async.ckpt").exists()
+
+
+def test_save_outside_fit_copies_before_returning(tmp_path, monkeypatch):
+    trainer, _ = fitted_trainer(tmp_path)
+    slow = SlowDeferredCopy(delay=0.0)
+    monkeypatch.setattr(_async_save, "_copy_host_storages", slow)
+
+    trainer.save_checkpoint(tmp_path / "after.ckpt", asynchronous=True)
+    writer_for(trainer).wait()
+
+    # Outside fit no optimizer step is sure to come, so nothing is left for the writer thread to copy.
+    assert slow.deferred_calls == 0
+    assert (tmp_path / "after.ckpt").exists()
+
+
+class SwapWeightsAtTrainEnd(hookrt.Plugin):
+    """Changes the weights in place at the end of training, as a weight-averaging plugin does."""
+
+    @hookrt.on("on_train_end")
+    def swap(self, payload: Any) -> None:
+        with torch.no_grad():
+            for parameter in payload.module.parameters():
+                parameter.mul_(0.5)
+
+
+def test_events_after_the_batch_wait_for_copy(tmp_path, monkeypatch):
+    # The save is after the last batch, so no optimizer step comes before on_train_end changes the weights.
+    monkeypatch.setattr(_async_save, "_copy_host_storages", SlowDeferredCopy(delay=0.3))
+    torch.manual_seed(0)
+    saver = SaveAtBatch(tmp_path / "async.ckpt", batch_idx=3)
+
+    quiet_trainer(tmp_path, [saver, SwapWeightsAtTrainEnd()]).fit(Regressor(), loader())
+
+    assert_same(load_checkpoint(tmp_path / "async.ckpt")["state_dict"], saver.expected["state_dict"])
