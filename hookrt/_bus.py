@@ -648,7 +648,14 @@ class Bus:
         """
         idle: set[tuple[int, str]] = set()
         for plugin in self._plugins:
-            names = plugin.idle_handlers(trainer)
+            try:
+                names = plugin.idle_handlers(trainer)
+            except Exception as exc:
+                raise PluginError(
+                    f"Plugin '{plugin.name}' idle_handlers() raised {type(exc).__name__}: {exc}. Fix the method, "
+                    "or return () to keep every handler.",
+                    plugin=plugin.name,
+                ) from exc
             if not names:
                 continue
             if isinstance(names, str):

@@ -329,7 +329,14 @@ class FitLoop:
         # Counted before on_batch_end, so a checkpoint requested there resumes after this batch.
         progress.batches_done = batch_idx + 1
         if _BATCH_END in bus._dispatch:
-            bus.emit(_BATCH_END, batch=batch, batch_idx=batch_idx, outputs=outputs)
+            try:
+                bus.emit(_BATCH_END, batch=batch, batch_idx=batch_idx, outputs=outputs)
+            except CancelBatch:
+                raise MisconfigurationError(
+                    "hookrt.CancelBatch was raised by a handler of on_batch_end, after the batch had run, so there "
+                    "is nothing left to skip. Raise it from on_batch_start or training_step to skip a batch, or "
+                    "raise hookrt.CancelEpoch to end the epoch."
+                ) from None
         metrics.end_batch()
         if progress.global_step != steps_before and progress.global_step % self.log_every_n_steps == 0:
             trainer._emit_log()

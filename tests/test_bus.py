@@ -1660,3 +1660,19 @@ def test_wake_unknown_handler_rejected(registered):
                                           r"which is not an event handler of a plugin registered on this bus\. Pass a "
                                           r"registered plugin and the name of one of its @hookrt\.on methods\."):
         bus.wake(plugin, "batch_ends")
+
+
+class BrokenIdle(Sometimes):
+    def idle_handlers(self, trainer: Any) -> tuple[str, ...]:
+        raise ZeroDivisionError("division by zero")
+
+
+def test_idle_handlers_error_names_plugin():
+    bus = Bus()
+    bus.register(BrokenIdle())
+
+    expected = (r"Plugin 'BrokenIdle' idle_handlers\(\) raised ZeroDivisionError: division by zero\. Fix the method, "
+                r"or return \(\) to keep every handler\.")
+    with pytest.raises(PluginError, match=expected) as caught:
+        bus.settle_idle(None)
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)

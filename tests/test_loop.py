@@ -493,6 +493,19 @@ def test_cancel_batch_skips_batch_end():
     assert trainer.global_step == 3
 
 
+
+def test_cancel_batch_from_batch_end_explains():
+    class LateSkipper(hookrt.Plugin):
+        @hookrt.on("on_batch_end")
+        def skip(self, payload):
+            raise hookrt.CancelBatch
+
+    trainer = hookrt.Trainer(max_epochs=1, num_sanity_val_steps=0, plugins=[LateSkipper()], **QUIET)
+    with pytest.raises(hookrt.MisconfigurationError, match=r"hookrt\.CancelBatch was raised by a handler of "
+                                                           r"on_batch_end, after the batch had run, so there is "
+                                                           r"nothing left to skip\. Raise it from on_batch_start"):
+        trainer.fit(Regressor(), make_loader(2))
+
 def test_cancel_epoch_still_ends_epoch():
     events = []
 
