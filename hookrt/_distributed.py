@@ -168,20 +168,25 @@ class LateAgreement:
 
     def exchange(self, flags: list[bool]) -> list[bool] | None:
         """Return the flags agreed at the previous call (None at the first) and send ``flags``."""
+        agreed = self.exchange_values([int(flag) for flag in flags])
+        return None if agreed is None else [bool(value) for value in agreed]
+
+    def exchange_values(self, values: list[int]) -> list[int] | None:
+        """Return the rank-wise maxima of the values sent at the previous call (None at the first); send ``values``."""
         agreed = self.settle()
-        tensor = _int_tensor([int(flag) for flag in flags])
+        tensor = _int_tensor(values)
         self._tensor = tensor
         self._work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
         return agreed
 
-    def settle(self) -> list[bool] | None:
+    def settle(self) -> list[int] | None:
         """Wait for the all-reduce in flight and return its result; None when none is in flight."""
         work, tensor = self._work, self._tensor
         if work is None or tensor is None:
             return None
         self._work = self._tensor = None
         work.wait()
-        return [bool(value) for value in tensor.tolist()]
+        return [int(value) for value in tensor.tolist()]
 
 
 def all_gather_object(value: Any) -> list[Any]:

@@ -109,10 +109,12 @@ class SignalHandler(Plugin):
     ended by a signal. The stop is forced: ``min_epochs`` and ``min_steps`` do
     not keep training going, because the process is about to be ended.
 
-    Under DDP the processes agree at every safe point, through a one-value
-    all-reduce, on whether any of them received a signal, so all of them
-    write the collective checkpoint and stop after the same batch, and
-    `received` shows that signal on every rank.
+    Under DDP the processes agree on whether any of them received a signal,
+    so all of them write the collective checkpoint and stop after the same
+    batch, and `received` shows that signal on every rank. After a batch the
+    agreement is a one-value all-reduce that runs while the next batch trains
+    and is read after it, so a signal ends training one batch later than in
+    one process. At the end of a validation run the processes agree at once.
 
     Args:
         signals: the signals to act on.
@@ -147,6 +149,8 @@ class SignalHandler(Plugin):
         #: Whether fit runs in one process, so a batch without a recorded signal needs no agreement step.
         #: False until on_train_start has checked.
         self._single_process = False
+        #: Under DDP, the agreement on a pending signal after each batch, read one batch later.
+        self._late: Any = None
 
     # ------------------------------------------------------------------ install and restore
 
@@ -206,24 +210,47 @@ class SignalHandler(Plugin):
         from hookrt import _distributed
 
         self._single_process = not _distributed.is_initialized() or _distributed.world_size() < 2
+        self._late = None if self._single_process else _distributed.LateAgreement()
+
+    @on(Event.TRAIN_END)
+    def _settle_agreement(self, payload: Payload) -> None:
+        # Every rank ends training after the same batch, so each waits here for the last exchange it started.
+        if self._late is not None:
+            self._late.settle()
+            self._late = None
 
     @on(Event.BATCH_END, order=_LATE)
     def after_batch(self, payload: BatchEndPayload) -> None:
-        """Act on a recorded signal once the batch has finished."""
-        if self._pending is None and self._single_process:
-            return  # the common case, checked here because this handler runs after every batch
-        self._act(payload)
+        """Act on a recorded signal once the batch has finished.
+
+        Under DDP the ranks exchange their pending signals after every batch
+        without waiting, and act on the result after the next batch. So a
+        signal ends training one batch later than in one process, and on every
+        rank after the same batch.
+        """
+        if self._single_process:
+            if self._pending is not None:
+                self._act(payload, self._pending)
+            return
+        late = self._late
+        if late is None:  # fit started without on_train_start, as in a test that emits events itself
+            self._act(payload, _agreed_signal(self._pending))
+            return
+        agreed = late.exchange_values([self._pending or 0])
+        if agreed is not None and agreed[0]:
+            late.settle()  # every rank acts after this batch and stops, so none leaves an exchange behind
+            self._late = None
+            self._act(payload, agreed[0])
 
     @on(Event.VALIDATION_END, order=_LATE)
     def after_validation(self, payload: EvalPayload) -> None:
         """Act on a recorded signal once a validation run has finished, outside the sanity check."""
         if not payload.sanity_checking:
-            self._act(payload)
+            self._act(payload, _agreed_signal(self._pending))
 
-    def _act(self, payload: Payload) -> None:
+    def _act(self, payload: Payload, signum: int | None) -> None:
         trainer = payload.trainer
-        signum = _agreed_signal(self._pending)
-        if signum is None:
+        if not signum:
             return
         self._pending = None
         # Under DDP a rank may stop for a peer's signal; recording it lets every rank exit with the same status.
