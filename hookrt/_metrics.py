@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from hookrt._errors import HookrtWarning, MisconfigurationError
@@ -193,6 +194,8 @@ class MetricStore:
         # numbers.Real also covers numpy's scalar types, such as numpy.float32 and numpy.int64.
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return torch.tensor(float(value))
+        if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+            return torch.tensor(float(value.reshape(())))
         raise MisconfigurationError(
             f"self.log('{name}', ...) got a {type(value).__name__}; it takes a number or a one-element tensor."
         )

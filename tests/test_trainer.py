@@ -375,11 +375,13 @@ def test_log_takes_numpy_scalars():
         def training_step(self, batch, batch_idx):
             self.log("half", np.float32(0.5))
             self.log("count", np.int64(3))
+            self.log("array", np.array(0.25, dtype=np.float32))
             return super().training_step(batch, batch_idx)
 
     trainer = fit(NumpyValues())
     assert float(trainer.callback_metrics["half"]) == 0.5
     assert float(trainer.callback_metrics["count"]) == 3.0
+    assert float(trainer.callback_metrics["array"]) == 0.25
 
 
 def test_log_rejects_numpy_bool():
