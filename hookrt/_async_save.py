@@ -26,8 +26,9 @@ gradients of an open accumulation window, plugin states) is copied before the
 save returns. An in-place change to those storages outside an optimizer step
 would reach the copy. So each such tensor's version counter is read at the
 save and again after the copy. When one has changed, the file is not written,
-and the next save or the end of the run raises `CheckpointError`. Changes
-made through ``tensor.data`` do not move the version counter and go unseen.
+and the next save or the end of the run raises `CheckpointError`. Changes that
+bypass the version counter go unseen: through ``tensor.data``, through
+``tensor.numpy()`` or through the storage.
 
 Each trainer has at most one `AsyncCheckpointWriter`, and the writer has at
 most one write in flight: a new save first waits for the previous write. An
@@ -53,7 +54,7 @@ from hookrt._checkpoint_io import check_loadable, save_atomic
 from hookrt._errors import CheckpointError
 from hookrt._events import Event
 
-__all__ = ["AsyncCheckpointWriter", "snapshot_to_host", "writer_for"]
+__all__ = ["AsyncCheckpointWriter", "finish_pending_copy", "snapshot_to_host", "writer_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +109,33 @@ class _DeferredCopy:
         self.copies = copies
         #: Each source tensor with its version counter at the save, checked again after the copy.
         self.watched = watched
-        self.done = threading.Event()
+        self.copied = threading.Event()
+        self.verified = threading.Event()
         self.changed = False
 
     def run(self) -> None:
-        """Copy the storages, note whether a source changed in place meanwhile, and release the waiters."""
+        """Copy the storages on the writer thread, then wait until the training thread has checked them."""
         try:
             _copy_host_storages(self.copies)
-            self.changed = any(tensor._version != version for tensor, version in self.watched)
         finally:
             self.copies = []
-            self.watched = []
-            self.done.set()
+            self.copied.set()
+        self.verified.wait()
+
+    def verify(self) -> None:
+        """Wait for the copy, then note whether a source changed in place since the save. Training thread only.
+
+        torch moves a tensor's version counter when an in-place operation
+        has finished, so a check on the writer thread could pass while such an
+        operation was still writing. On the thread that trains, every operation
+        it started has finished, so a change made before this call is seen.
+        """
+        if self.verified.is_set():
+            return
+        self.copied.wait()
+        self.changed = any(tensor._version != version for tensor, version in self.watched)
+        self.watched = []
+        self.verified.set()
 
 
 class _HostCopier:
@@ -297,10 +313,10 @@ class AsyncCheckpointWriter:
 
     def wait(self) -> None:
         """Block until the write in flight is complete; raise its error, once, if it failed."""
+        self._finish_copy()  # the writer thread waits for this check before it writes
         thread = self._thread
         if thread is not None:
             thread.join()
-        self._finish_copy()
         with self._lock:
             self._thread = None
             error, self._error = self._error, None
@@ -326,11 +342,23 @@ class AsyncCheckpointWriter:
                 self._event_guards.append(bus.subscribe(event, wait_for_copy, name="AsyncCheckpointWriter",
                                                         order=_COPY_WAIT_ORDER))
 
+    @property
+    def copy_pending(self) -> bool:
+        """True while a deferred copy has not been waited for and checked."""
+        return self._deferred is not None
+
+    def finish_copy(self) -> None:
+        """Wait for the deferred copy and check it, then remove the hook and the handlers that wait for it.
+
+        Call it from the thread that trains, before anything that may change
+        the parameters or the optimizer state in place.
+        """
+        self._finish_copy()
+
     def _finish_copy(self) -> None:
-        """Wait for the deferred copy, then remove the hook and the handlers that wait for it."""
         deferred = self._deferred
         if deferred is not None:
-            deferred.done.wait()
+            deferred.verify()
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
@@ -343,7 +371,7 @@ class AsyncCheckpointWriter:
         """Hold an optimizer step until the deferred copy no longer reads the tensors it changes."""
         deferred = self._deferred
         if deferred is not None:
-            deferred.done.wait()
+            deferred.verify()
 
     def _write(self, snapshot: Mapping[str, Any], path: str, owners: Mapping[str, str] | None,
                deferred: _DeferredCopy | None) -> None:
@@ -355,8 +383,8 @@ class AsyncCheckpointWriter:
                         f"The asynchronous checkpoint {path!r} was not written: a parameter or an optimizer state "
                         "tensor was changed in place after save_checkpoint(asynchronous=True) returned, before the "
                         "background copy had read it. During fit these are copied while the next batch runs, and "
-                        "only optimizer steps wait for the copy. Change them in place only in optimizer steps, or "
-                        "save with asynchronous=False."
+                        "only optimizer steps and the events after that batch wait for the copy. Change them in "
+                        "place only in optimizer steps, or save with asynchronous=False."
                     )
             save_atomic(snapshot, path, owners=owners)
         except BaseException as exc:  # re-raised in the training thread by `wait`
@@ -412,6 +440,18 @@ def _copy_host_storages(copies: list[tuple[torch.UntypedStorage, torch.UntypedSt
     with ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="hookrt snapshot copy") as executor:
         for future in [executor.submit(target.copy_, source) for target, source in pieces]:
             future.result()
+
+
+def finish_pending_copy(trainer: Any) -> None:
+    """Wait for the deferred copy of the trainer's asynchronous save, if one is pending, and check it.
+
+    The batch step calls this before a step whose closure, ``optimizer_step``
+    override or wrapper may change the weights in place before the optimizer
+    step pre-hook runs.
+    """
+    writer: AsyncCheckpointWriter | None = getattr(trainer, _WRITER_ATTRIBUTE, None)
+    if writer is not None and writer.copy_pending:
+        writer.finish_copy()
 
 
 def writer_for(trainer: Any) -> AsyncCheckpointWriter:

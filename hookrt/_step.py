@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hookrt._async_save import finish_pending_copy
 from hookrt._errors import MisconfigurationError
 from hookrt._events import Event, WrapPoint
 
@@ -265,6 +266,7 @@ class BatchStep:
 
         if closes:
             trainer._step_skipped = False
+            finish_pending_copy(trainer)
             if self.default_optimizer_step:
                 optimizer.step(closure=closure)  # type: ignore[arg-type]  # torch's stub wants a float
             else:
@@ -405,6 +407,8 @@ class BatchStep:
         trainer = self.trainer
         module = self.module
         trainer._step_skipped = False
+        # The closure, an optimizer_step override or a wrapper may change weights before the step's pre-hook.
+        finish_pending_copy(trainer)
 
         def body(payload: Any) -> Any:
             return module.optimizer_step(trainer.current_epoch, batch_idx, optimizer, optimizer_idx, closure)

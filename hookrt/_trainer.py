@@ -313,8 +313,9 @@ class Trainer:
         ``before_optimizer_step``, waits for that copy, so training stalls only
         while the other tensors (buffers, plugin states) are copied. Changing them in place
         outside an optimizer step before the copy is done makes the save fail
-        with `CheckpointError` instead of writing a mixed state (changes through
-        ``tensor.data`` cannot be seen). At most one such write is in flight:
+        with `CheckpointError` instead of writing a mixed state. Changes that
+        bypass the tensor's version counter (through ``tensor.data``,
+        ``tensor.numpy()`` or the storage) cannot be seen. At most one such write is in flight:
         the next save waits for it. An error in the write is raised by the next
         save or at the end of the run, and the run does not return before the
         file is complete.

@@ -447,3 +447,56 @@ def test_events_after_the_batch_wait_for_copy(tmp_path, monkeypatch):
     quiet_trainer(tmp_path, [saver, SwapWeightsAtTrainEnd()]).fit(Regressor(), loader())
 
     assert_same(load_checkpoint(tmp_path / "async.ckpt")["state_dict"], saver.expected["state_dict"])
+
+
+class WithLargeParameter(Regressor):
+    """The regressor with a large parameter that the loss does not use, so only code outside steps changes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.large = nn.Parameter(torch.randn(8_000_000))
+
+
+class SlowInPlaceChange(hookrt.Plugin):
+    """Changes the large parameter in place with an operation that runs for a while, in the batch after the save."""
+
+    @hookrt.on("on_batch_start")
+    def change(self, payload: Any) -> None:
+        if payload.batch_idx == 2:
+            with torch.no_grad():
+                for _ in range(3):
+                    payload.module.large.i0_()
+
+
+def test_in_place_change_during_copy_drops_file(tmp_path):
+    # torch moves the version counter only when the operation has finished, so the check must not run on the
+    # writer thread, where it could pass while the copy reads half-changed values.
+    saver = SaveAtBatch(tmp_path / "async.ckpt", batch_idx=1)
+    trainer = quiet_trainer(tmp_path, [saver, SlowInPlaceChange()])
+
+    with pytest.raises(CheckpointError, match=r"was not written: a parameter or an optimizer state tensor was "
+                                              r"changed in place"):
+        trainer.fit(WithLargeParameter(), loader())
+
+    assert not (tmp_path / "async.ckpt").exists()
+
+
+class DecayInOptimizerStep(Regressor):
+    """Decays the weights by hand in an optimizer_step override, before the optimizer's own step."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_idx, optimizer_closure):
+        optimizer_closure()
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.mul_(0.999)
+        optimizer.step()
+
+
+def test_optimizer_step_override_waits_for_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(_async_save, "_copy_host_storages", SlowDeferredCopy(delay=0.2))
+    torch.manual_seed(0)
+    saver = SaveAtBatch(tmp_path / "async.ckpt", batch_idx=1)
+
+    quiet_trainer(tmp_path, [saver]).fit(DecayInOptimizerStep(), loader())
+
+    assert_same(load_checkpoint(tmp_path / "async.ckpt")["state_dict"], saver.expected["state_dict"])
