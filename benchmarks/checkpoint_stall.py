@@ -150,7 +150,8 @@ def measure(parameters: float, rounds: int, folder: Path) -> dict[str, Any]:
     trainer.fit(module, DataLoader(data, batch_size=4))
 
     durations = [later - earlier for earlier, later in zip(probe.ends, probe.ends[1:], strict=False)]
-    # durations[i] is batch i + 1, from the end of batch i; the first batches warm up and are left out.
+    # durations[i] is the time of batch i + 1, from the end of batch i. The first batches warm up, so they
+    # are left out of the median, as are the batches next to a save.
     disturbed = {batch + offset for batch in schedule for offset in (-1, *range(1, WINDOW + 2))}
     quiet = [duration for index, duration in enumerate(durations) if index + 1 not in disturbed and index >= 2]
     median_batch = statistics.median(quiet)

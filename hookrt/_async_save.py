@@ -91,14 +91,19 @@ def snapshot_to_host(value: Any, pool: BufferPool | None = None) -> Any:
     return _snapshot(value, pool if pool is not None else {})[0]
 
 
-def _snapshot(value: Any, pool: BufferPool) -> tuple[Any, BufferPool]:
-    """Return the copy of ``value`` and the host storages it fills, by (pinned, size in bytes)."""
-    copier = _HostCopier(pool)
+def _snapshot(
+    value: Any, pool: BufferPool, deferrable: set[tuple[int, int]] | None = None
+) -> tuple[Any, _HostCopier]:
+    """Return the copy of ``value`` and its copier, whose ``filled`` lists the host storages it fills.
+
+    The storages in ``deferrable`` are left uncopied, in the copier's ``deferred_copies``.
+    """
+    copier = _HostCopier(pool, deferrable)
     result = copier.copy(value)
     _copy_host_storages(copier.host_copies)
     if copier.used_cuda:
         torch.cuda.synchronize()
-    return result, copier.filled
+    return result, copier
 
 
 class _DeferredCopy:
@@ -280,11 +285,7 @@ class AsyncCheckpointWriter:
         """
         self.wait()
         check_loadable(checkpoint, owners=owners)
-        copier = _HostCopier(self._pool, deferrable)
-        snapshot = copier.copy(checkpoint)
-        _copy_host_storages(copier.host_copies)
-        if copier.used_cuda:
-            torch.cuda.synchronize()
+        snapshot, copier = _snapshot(checkpoint, self._pool, deferrable)
         self._lent = copier.filled
         if copier.deferred_copies:
             self._deferred = _DeferredCopy(copier.deferred_copies, copier.watched)
@@ -313,7 +314,7 @@ class AsyncCheckpointWriter:
 
     def wait(self) -> None:
         """Block until the write in flight is complete; raise its error, once, if it failed."""
-        self._finish_copy()  # the writer thread waits for this check before it writes
+        self.finish_copy()  # the writer thread waits for this check before it writes
         thread = self._thread
         if thread is not None:
             thread.join()
@@ -335,7 +336,7 @@ class AsyncCheckpointWriter:
 
     def _guard_events(self, bus: Any) -> None:
         def wait_for_copy(payload: Any) -> None:
-            self._finish_copy()
+            self.finish_copy()
 
         for event in Event:
             if event.value not in OVERLAPPED_EVENTS:
@@ -353,9 +354,6 @@ class AsyncCheckpointWriter:
         Call it from the thread that trains, before anything that may change
         the parameters or the optimizer state in place.
         """
-        self._finish_copy()
-
-    def _finish_copy(self) -> None:
         deferred = self._deferred
         if deferred is not None:
             deferred.verify()

@@ -124,7 +124,7 @@ class Plugin:
         as ``ModelCheckpoint`` does with its step-schedule handlers when it saves
         only at epoch ends. A plugin that needs such a handler again later in the
         run calls ``trainer.bus.wake(self, name)``. The filter counters of an idle
-        handler (``every``, ``once``) do not advance. The default is none.
+        handler (``every``, ``once``) do not advance. By default no handler is idle.
 
         Args:
             trainer: the trainer of the run.

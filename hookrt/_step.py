@@ -223,23 +223,21 @@ class BatchStep:
         if self.direct_step and torch.is_grad_enabled():
             output = self.module.training_step(batch, batch_idx)
             dispatch = self.bus._dispatch
-            if window == 1 and closes and type(output) is torch.Tensor and output.requires_grad and \
-                    output.dim() == 0 and not self.detect_anomaly and _BEFORE_BACKWARD not in dispatch and \
-                    _AFTER_BACKWARD not in dispatch and _BEFORE_OPTIMIZER_STEP not in dispatch:
-                # Without accumulation and without handlers between backward and step, `_backward` and
-                # `_before_step` reduce to these two calls.
+            # Without accumulation and without handlers between backward and step, `_backward` comes down to
+            # backward() and `_before_step` to nothing.
+            bare = window == 1 and closes and type(output) is torch.Tensor and output.requires_grad and \
+                output.dim() == 0 and not self.detect_anomaly and _BEFORE_BACKWARD not in dispatch and \
+                _AFTER_BACKWARD not in dispatch and _BEFORE_OPTIMIZER_STEP not in dispatch
+            if bare:
                 output.backward()
-                trainer._step_skipped = False
-                optimizer.step()
-                self._after_step(optimizer, 0)
-                self.last_losses[0] = output
-                trainer._last_loss = output
-                return output
-            loss = self._backward(output, batch_idx, 0, window)
-            self.contributions[0] += 1
+                loss = output
+            else:
+                loss = self._backward(output, batch_idx, 0, window)
+                self.contributions[0] += 1
             if closes:
                 trainer._step_skipped = False
-                self._before_step(optimizer, 0, window)
+                if not bare:
+                    self._before_step(optimizer, 0, window)
                 optimizer.step()
                 self._after_step(optimizer, 0)
             self.last_losses[0] = loss

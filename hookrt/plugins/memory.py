@@ -115,11 +115,10 @@ class MemoryProbe(Plugin):
     @on("on_fit_end")
     def _report(self, payload: Payload) -> None:
         self.sample(payload.module)
-        self._fit_devices = None
 
     @on("teardown")
     def _forget_devices(self, payload: Payload) -> None:
-        # A fit that fails never reaches on_fit_end, and a later sample() must not read its devices.
+        # Here rather than at on_fit_end, which a failed fit never reaches: a later sample() must not read them.
         self._fit_devices = None
         if not self._peaks:
             return
